@@ -1,0 +1,923 @@
+//! Command payloads: the plain-text forms people type into `mosquitto_pub`, and the JSON
+//! form that carries everything (direction, speed, hold time, id, trace context).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value, json};
+
+use crate::trace::TraceParent;
+
+/// Largest command payload accepted. Commands are tiny; anything bigger is a mistake or
+/// an attack, and is refused before it is parsed.
+pub const MAX_COMMAND_PAYLOAD: usize = 4096;
+/// Motor speed scale: 0 (stopped) ..= 10 (full).
+pub const MAX_SPEED: u8 = 10;
+/// Servo angle range in degrees.
+pub const MIN_SERVO_ANGLE: i16 = -90;
+pub const MAX_SERVO_ANGLE: i16 = 90;
+/// Longest hold a drive command may ask for. Robots configure a lower maximum.
+pub const MAX_HOLD_MS: u32 = 60_000;
+/// Longest eye blink.
+pub const MAX_BLINK_MS: u32 = 10_000;
+/// Longest command id.
+pub const MAX_ID_LEN: usize = 64;
+/// Longest `tracestate` (W3C allows 32 members of up to 256 characters; 512 is plenty here).
+pub const MAX_TRACESTATE_LEN: usize = 512;
+/// Motors per robot (one H-bridge channel each) and servos per robot.
+pub const MOTORS: usize = 2;
+pub const SERVOS: usize = 2;
+
+/// The command named by the last topic level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CommandKind {
+    Drive,
+    Speed,
+    Eyes,
+    Servo,
+    Stop,
+}
+
+impl CommandKind {
+    pub const ALL: [CommandKind; 5] = [
+        CommandKind::Drive,
+        CommandKind::Speed,
+        CommandKind::Eyes,
+        CommandKind::Servo,
+        CommandKind::Stop,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Drive => "drive",
+            CommandKind::Speed => "speed",
+            CommandKind::Eyes => "eyes",
+            CommandKind::Servo => "servo",
+            CommandKind::Stop => "stop",
+        }
+    }
+}
+
+impl fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CommandKind {
+    type Err = CommandError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CommandKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| CommandError::InvalidValue {
+                field: "command",
+                expected: "one of drive, speed, eyes, servo, stop",
+                got: s.to_owned(),
+            })
+    }
+}
+
+/// Where to drive. torvalds' compass names are aliases: north = forward, south = backward,
+/// west = left, east = right (each robot maps a direction to its own pin pattern).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Forward,
+    Backward,
+    Left,
+    Right,
+    Stop,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 5] = [
+        Direction::Forward,
+        Direction::Backward,
+        Direction::Left,
+        Direction::Right,
+        Direction::Stop,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Backward => "backward",
+            Direction::Left => "left",
+            Direction::Right => "right",
+            Direction::Stop => "stop",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Direction {
+    type Err = CommandError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "forward" | "north" => Ok(Direction::Forward),
+            "backward" | "south" => Ok(Direction::Backward),
+            "left" | "west" => Ok(Direction::Left),
+            "right" | "east" => Ok(Direction::Right),
+            "stop" => Ok(Direction::Stop),
+            _ => Err(CommandError::InvalidValue {
+                field: "direction",
+                expected: "forward, backward, left, right or stop (or north, south, west, east)",
+                got: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// New speeds for the motors (0..=10); `None` leaves that motor as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SpeedTarget(pub [Option<u8>; MOTORS]);
+
+/// New angles for the servos (-90..=90); `None` leaves that servo as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServoTarget(pub [Option<i16>; SERVOS]);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EyesCommand {
+    On,
+    Off,
+    /// On for `duration_ms` (the robot's default when `None`), then off.
+    Blink {
+        duration_ms: Option<u32>,
+    },
+}
+
+/// One command, validated against the contract's ranges. Robot-specific limits (a robot
+/// without speed control, a lower maximum hold) are checked by the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Drive {
+        direction: Direction,
+        /// Speed for both motors while driving; the current speed when `None`.
+        speed: Option<u8>,
+        /// How long to keep driving without a refresh; the robot's default when `None`.
+        hold_ms: Option<u32>,
+    },
+    Speed(SpeedTarget),
+    Eyes(EyesCommand),
+    Servo(ServoTarget),
+    Stop,
+}
+
+impl Command {
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            Command::Drive { .. } => CommandKind::Drive,
+            Command::Speed(_) => CommandKind::Speed,
+            Command::Eyes(_) => CommandKind::Eyes,
+            Command::Servo(_) => CommandKind::Servo,
+            Command::Stop => CommandKind::Stop,
+        }
+    }
+}
+
+/// A command with what travels next to it: the sender's id and trace context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandEnvelope {
+    pub id: Option<String>,
+    pub traceparent: Option<TraceParent>,
+    pub tracestate: Option<String>,
+    pub command: Command,
+}
+
+impl CommandEnvelope {
+    pub fn new(command: Command) -> Self {
+        Self {
+            id: None,
+            traceparent: None,
+            tracestate: None,
+            command,
+        }
+    }
+
+    /// Parses a payload published to `.../cmd/<kind>`: JSON when it starts with `{`,
+    /// otherwise the plain-text form.
+    pub fn parse(kind: CommandKind, payload: &[u8]) -> Result<Self, CommandError> {
+        if payload.len() > MAX_COMMAND_PAYLOAD {
+            return Err(CommandError::TooLarge {
+                size: payload.len(),
+                max: MAX_COMMAND_PAYLOAD,
+            });
+        }
+        let text = std::str::from_utf8(payload).map_err(|_| CommandError::NotUtf8)?;
+        let text = text.trim();
+        if text.starts_with('{') {
+            parse_json(kind, text)
+        } else {
+            parse_text(kind, text).map(CommandEnvelope::new)
+        }
+    }
+
+    /// The canonical JSON form: what the gateway publishes, and what `parse` reads back.
+    pub fn to_json(&self) -> Value {
+        let mut doc = match self.command {
+            Command::Drive {
+                direction,
+                speed,
+                hold_ms,
+            } => {
+                let mut doc = json!({ "direction": direction });
+                insert_opt(&mut doc, "speed", speed);
+                insert_opt(&mut doc, "hold_ms", hold_ms);
+                doc
+            }
+            Command::Speed(SpeedTarget(motors)) => {
+                let mut doc = json!({});
+                insert_opt(&mut doc, "motor1", motors[0]);
+                insert_opt(&mut doc, "motor2", motors[1]);
+                doc
+            }
+            Command::Eyes(EyesCommand::On) => json!({ "state": "on" }),
+            Command::Eyes(EyesCommand::Off) => json!({ "state": "off" }),
+            Command::Eyes(EyesCommand::Blink { duration_ms }) => {
+                let mut doc = json!({ "state": "blink" });
+                insert_opt(&mut doc, "duration_ms", duration_ms);
+                doc
+            }
+            Command::Servo(ServoTarget(servos)) => {
+                let mut doc = json!({});
+                insert_opt(&mut doc, "servo1", servos[0]);
+                insert_opt(&mut doc, "servo2", servos[1]);
+                doc
+            }
+            Command::Stop => json!({}),
+        };
+        insert_opt(&mut doc, "id", self.id.clone());
+        insert_opt(
+            &mut doc,
+            "traceparent",
+            self.traceparent.map(|t| t.to_string()),
+        );
+        insert_opt(&mut doc, "tracestate", self.tracestate.clone());
+        doc
+    }
+}
+
+fn insert_opt<T: Into<Value>>(doc: &mut Value, key: &str, value: Option<T>) {
+    if let (Some(map), Some(value)) = (doc.as_object_mut(), value) {
+        map.insert(key.to_owned(), value.into());
+    }
+}
+
+/// Why a payload was refused. The text is what the sender sees in the error result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("payload is {size} bytes; the limit is {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("payload is not valid UTF-8")]
+    NotUtf8,
+    #[error("payload is empty; expected {expected}")]
+    Empty { expected: &'static str },
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("JSON payload must be an object")]
+    NotAnObject,
+    #[error("unknown field {field:?} for {command}; expected {expected}")]
+    UnknownField {
+        command: CommandKind,
+        field: String,
+        expected: &'static str,
+    },
+    #[error("{field} is required")]
+    MissingField { field: &'static str },
+    #[error("{field} must be {expected}, got {got:?}")]
+    InvalidValue {
+        field: &'static str,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("{field} = {value} is out of range {min}..={max}")]
+    OutOfRange {
+        field: &'static str,
+        value: i64,
+        min: i64,
+        max: i64,
+    },
+    #[error("{0}")]
+    Conflict(&'static str),
+}
+
+impl CommandError {
+    /// A stable, machine-readable error code for results and HTTP bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::TooLarge { .. } => "payload_too_large",
+            CommandError::OutOfRange { .. } => "out_of_range",
+            _ => "bad_payload",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Plain text
+
+fn parse_text(kind: CommandKind, text: &str) -> Result<Command, CommandError> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    match kind {
+        CommandKind::Stop => Ok(Command::Stop),
+        CommandKind::Drive => match words.as_slice() {
+            [] => Err(CommandError::Empty {
+                expected: "a direction: forward, backward, left, right or stop",
+            }),
+            [direction] => Ok(Command::Drive {
+                direction: direction.parse()?,
+                speed: None,
+                hold_ms: None,
+            }),
+            _ => Err(CommandError::InvalidValue {
+                field: "direction",
+                expected: "one word (use JSON for speed and hold time)",
+                got: text.to_owned(),
+            }),
+        },
+        CommandKind::Eyes => match words.as_slice() {
+            [] => Err(CommandError::Empty {
+                expected: "on, off or blink",
+            }),
+            [state] => parse_eyes_state(state, None).map(Command::Eyes),
+            _ => Err(invalid_eyes(text)),
+        },
+        CommandKind::Speed => match words.as_slice() {
+            [] => Err(CommandError::Empty {
+                expected: "a speed 0..10, two speeds, or a preset 30%, 50%, 100%",
+            }),
+            [single] => match speed_preset(single) {
+                Some(speed) => Ok(Command::Speed(SpeedTarget([Some(speed); MOTORS]))),
+                None => {
+                    let speed = parse_speed_text("speed", single)?;
+                    Ok(Command::Speed(SpeedTarget([Some(speed); MOTORS])))
+                }
+            },
+            [first, second] => Ok(Command::Speed(SpeedTarget([
+                Some(parse_speed_text("motor1", first)?),
+                Some(parse_speed_text("motor2", second)?),
+            ]))),
+            _ => Err(CommandError::InvalidValue {
+                field: "speed",
+                expected: "one or two numbers 0..10, or a preset",
+                got: text.to_owned(),
+            }),
+        },
+        CommandKind::Servo => match words.as_slice() {
+            [] => Err(CommandError::Empty {
+                expected: "an angle -90..90, two angles, or min, mid, max",
+            }),
+            [single] => match servo_preset(single) {
+                Some(angle) => Ok(Command::Servo(ServoTarget([Some(angle); SERVOS]))),
+                None => {
+                    let angle = parse_angle_text("angle", single)?;
+                    Ok(Command::Servo(ServoTarget([Some(angle); SERVOS])))
+                }
+            },
+            [first, second] => Ok(Command::Servo(ServoTarget([
+                Some(parse_angle_text("servo1", first)?),
+                Some(parse_angle_text("servo2", second)?),
+            ]))),
+            _ => Err(CommandError::InvalidValue {
+                field: "servo",
+                expected: "one or two angles -90..90, or min, mid, max",
+                got: text.to_owned(),
+            }),
+        },
+    }
+}
+
+fn invalid_eyes(got: &str) -> CommandError {
+    CommandError::InvalidValue {
+        field: "eyes",
+        expected: "on, off or blink",
+        got: got.to_owned(),
+    }
+}
+
+fn parse_eyes_state(state: &str, duration_ms: Option<u32>) -> Result<EyesCommand, CommandError> {
+    // Case-insensitive so that Home Assistant's ON / OFF work as they are.
+    match state.to_ascii_lowercase().as_str() {
+        "on" => Ok(EyesCommand::On),
+        "off" => Ok(EyesCommand::Off),
+        "blink" => Ok(EyesCommand::Blink { duration_ms }),
+        _ => Err(invalid_eyes(state)),
+    }
+}
+
+/// 30 %, 50 % and 100 % of full speed, as the original buttons offered.
+fn speed_preset(word: &str) -> Option<u8> {
+    match word.to_ascii_lowercase().trim_end_matches('%') {
+        "30" | "thirty" => Some(3),
+        "50" | "fifty" => Some(5),
+        "100" | "full" => Some(MAX_SPEED),
+        _ => None,
+    }
+}
+
+fn servo_preset(word: &str) -> Option<i16> {
+    match word.to_ascii_lowercase().as_str() {
+        "min" => Some(MIN_SERVO_ANGLE),
+        "mid" => Some(0),
+        "max" => Some(MAX_SERVO_ANGLE),
+        _ => None,
+    }
+}
+
+/// Reads an integer written as `7`, `7.0` or `-12` (Home Assistant sends numbers as floats).
+fn parse_integer_text(field: &'static str, word: &str) -> Result<i64, CommandError> {
+    let invalid = || CommandError::InvalidValue {
+        field,
+        expected: "a whole number",
+        got: word.to_owned(),
+    };
+    if let Ok(n) = word.parse::<i64>() {
+        return Ok(n);
+    }
+    let float: f64 = word.parse().map_err(|_| invalid())?;
+    integral(float).ok_or_else(invalid)
+}
+
+fn integral(float: f64) -> Option<i64> {
+    let in_range = float.is_finite() && float.abs() < 1e15;
+    (in_range && float.fract() == 0.0).then_some(float as i64)
+}
+
+fn parse_speed_text(field: &'static str, word: &str) -> Result<u8, CommandError> {
+    check_speed(field, parse_integer_text(field, word)?)
+}
+
+fn parse_angle_text(field: &'static str, word: &str) -> Result<i16, CommandError> {
+    check_angle(field, parse_integer_text(field, word)?)
+}
+
+fn check_range(field: &'static str, value: i64, min: i64, max: i64) -> Result<i64, CommandError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(CommandError::OutOfRange {
+            field,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+fn check_speed(field: &'static str, value: i64) -> Result<u8, CommandError> {
+    let value = check_range(field, value, 0, MAX_SPEED.into())?;
+    Ok(u8::try_from(value).unwrap_or(MAX_SPEED))
+}
+
+fn check_angle(field: &'static str, value: i64) -> Result<i16, CommandError> {
+    let value = check_range(field, value, MIN_SERVO_ANGLE.into(), MAX_SERVO_ANGLE.into())?;
+    Ok(i16::try_from(value).unwrap_or(0))
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON
+
+const ENVELOPE_FIELDS: [&str; 3] = ["id", "traceparent", "tracestate"];
+
+fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| CommandError::InvalidJson(e.to_string()))?;
+    let Value::Object(doc) = value else {
+        return Err(CommandError::NotAnObject);
+    };
+    let (own_fields, expected): (&[&str], &'static str) = match kind {
+        CommandKind::Drive => (
+            &["direction", "speed", "hold_ms"],
+            "direction, speed, hold_ms, id, traceparent, tracestate",
+        ),
+        CommandKind::Speed => (
+            &["motor1", "motor2", "preset"],
+            "motor1, motor2, preset, id, traceparent, tracestate",
+        ),
+        CommandKind::Eyes => (
+            &["state", "duration_ms"],
+            "state, duration_ms, id, traceparent, tracestate",
+        ),
+        CommandKind::Servo => (
+            &["servo1", "servo2", "preset"],
+            "servo1, servo2, preset, id, traceparent, tracestate",
+        ),
+        CommandKind::Stop => (&[], "id, traceparent, tracestate"),
+    };
+    if let Some(field) = doc
+        .keys()
+        .find(|k| !own_fields.contains(&k.as_str()) && !ENVELOPE_FIELDS.contains(&k.as_str()))
+    {
+        return Err(CommandError::UnknownField {
+            command: kind,
+            field: field.clone(),
+            expected,
+        });
+    }
+
+    let command = match kind {
+        CommandKind::Stop => Command::Stop,
+        CommandKind::Drive => Command::Drive {
+            direction: required_str(&doc, "direction")?.parse()?,
+            speed: optional_int(&doc, "speed")?
+                .map(|v| check_speed("speed", v))
+                .transpose()?,
+            hold_ms: optional_int(&doc, "hold_ms")?
+                .map(|v| check_range("hold_ms", v, 1, MAX_HOLD_MS.into()))
+                .transpose()?
+                .map(|v| u32::try_from(v).unwrap_or(MAX_HOLD_MS)),
+        },
+        CommandKind::Eyes => {
+            let duration_ms = optional_int(&doc, "duration_ms")?
+                .map(|v| check_range("duration_ms", v, 1, MAX_BLINK_MS.into()))
+                .transpose()?
+                .map(|v| u32::try_from(v).unwrap_or(MAX_BLINK_MS));
+            let state = parse_eyes_state(required_str(&doc, "state")?, duration_ms)?;
+            if duration_ms.is_some() && !matches!(state, EyesCommand::Blink { .. }) {
+                return Err(CommandError::Conflict(
+                    "duration_ms only goes with state \"blink\"",
+                ));
+            }
+            Command::Eyes(state)
+        }
+        CommandKind::Speed => {
+            let motors = [
+                optional_int(&doc, "motor1")?
+                    .map(|v| check_speed("motor1", v))
+                    .transpose()?,
+                optional_int(&doc, "motor2")?
+                    .map(|v| check_speed("motor2", v))
+                    .transpose()?,
+            ];
+            let preset = match doc.get("preset") {
+                None => None,
+                Some(value) => Some(json_word(value).and_then(|w| speed_preset(&w)).ok_or_else(
+                    || CommandError::InvalidValue {
+                        field: "preset",
+                        expected: "30, 50 or 100 (percent)",
+                        got: value.to_string(),
+                    },
+                )?),
+            };
+            match (preset, motors) {
+                (Some(_), [Some(_), _] | [_, Some(_)]) => {
+                    return Err(CommandError::Conflict(
+                        "give either preset or motor1/motor2, not both",
+                    ));
+                }
+                (Some(speed), _) => Command::Speed(SpeedTarget([Some(speed); MOTORS])),
+                (None, [None, None]) => {
+                    return Err(CommandError::MissingField {
+                        field: "motor1, motor2 or preset",
+                    });
+                }
+                (None, motors) => Command::Speed(SpeedTarget(motors)),
+            }
+        }
+        CommandKind::Servo => {
+            let servos = [
+                optional_int(&doc, "servo1")?
+                    .map(|v| check_angle("servo1", v))
+                    .transpose()?,
+                optional_int(&doc, "servo2")?
+                    .map(|v| check_angle("servo2", v))
+                    .transpose()?,
+            ];
+            let preset = match doc.get("preset") {
+                None => None,
+                Some(value) => Some(json_word(value).and_then(|w| servo_preset(&w)).ok_or_else(
+                    || CommandError::InvalidValue {
+                        field: "preset",
+                        expected: "min, mid or max",
+                        got: value.to_string(),
+                    },
+                )?),
+            };
+            match (preset, servos) {
+                (Some(_), [Some(_), _] | [_, Some(_)]) => {
+                    return Err(CommandError::Conflict(
+                        "give either preset or servo1/servo2, not both",
+                    ));
+                }
+                (Some(angle), _) => Command::Servo(ServoTarget([Some(angle); SERVOS])),
+                (None, [None, None]) => {
+                    return Err(CommandError::MissingField {
+                        field: "servo1, servo2 or preset",
+                    });
+                }
+                (None, servos) => Command::Servo(ServoTarget(servos)),
+            }
+        }
+    };
+
+    Ok(CommandEnvelope {
+        id: optional_id(&doc)?,
+        traceparent: optional_str(&doc, "traceparent")?
+            .map(|t| {
+                t.parse().map_err(|_| CommandError::InvalidValue {
+                    field: "traceparent",
+                    expected: "a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)",
+                    got: t.to_owned(),
+                })
+            })
+            .transpose()?,
+        tracestate: optional_str(&doc, "tracestate")?
+            .map(|t| {
+                if t.len() <= MAX_TRACESTATE_LEN && t.is_ascii() {
+                    Ok(t.to_owned())
+                } else {
+                    Err(CommandError::InvalidValue {
+                        field: "tracestate",
+                        expected: "ASCII of at most 512 characters",
+                        got: t.chars().take(40).collect(),
+                    })
+                }
+            })
+            .transpose()?,
+        command,
+    })
+}
+
+/// A preset may be written as a string (`"mid"`, `"30%"`) or a number (`30`).
+fn json_word(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn optional_str<'d>(
+    doc: &'d Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'d str>, CommandError> {
+    match doc.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(CommandError::InvalidValue {
+            field,
+            expected: "a string",
+            got: other.to_string(),
+        }),
+    }
+}
+
+fn required_str<'d>(
+    doc: &'d Map<String, Value>,
+    field: &'static str,
+) -> Result<&'d str, CommandError> {
+    optional_str(doc, field)?.ok_or(CommandError::MissingField { field })
+}
+
+fn optional_int(
+    doc: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<i64>, CommandError> {
+    let invalid = |got: &Value| CommandError::InvalidValue {
+        field,
+        expected: "a whole number",
+        got: got.to_string(),
+    };
+    match doc.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().and_then(integral))
+            .map(Some)
+            .ok_or_else(|| invalid(&Value::Number(n.clone()))),
+        Some(other) => Err(invalid(other)),
+    }
+}
+
+fn optional_id(doc: &Map<String, Value>) -> Result<Option<String>, CommandError> {
+    let Some(id) = optional_str(doc, "id")? else {
+        return Ok(None);
+    };
+    validate_id(id).map(|()| Some(id.to_owned()))
+}
+
+/// Command ids are short and safe to echo into topics, logs and metrics exemplars.
+pub fn validate_id(id: &str) -> Result<(), CommandError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
+    if id.is_empty() || id.len() > MAX_ID_LEN || !id.chars().all(allowed) {
+        return Err(CommandError::InvalidValue {
+            field: "id",
+            expected: "1 to 64 characters of A-Z a-z 0-9 - _ . :",
+            got: id.chars().take(80).collect(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(kind: CommandKind, payload: &str) -> Result<Command, CommandError> {
+        CommandEnvelope::parse(kind, payload.as_bytes()).map(|e| e.command)
+    }
+
+    fn drive(direction: Direction) -> Command {
+        Command::Drive {
+            direction,
+            speed: None,
+            hold_ms: None,
+        }
+    }
+
+    #[test]
+    fn plain_text_drive_with_aliases() {
+        use Direction::*;
+        for (word, direction) in [
+            ("forward", Forward),
+            ("backward", Backward),
+            ("left", Left),
+            ("right", Right),
+            ("stop", Stop),
+            ("north", Forward),
+            ("south", Backward),
+            ("west", Left),
+            ("east", Right),
+            (" Forward\n", Forward),
+        ] {
+            assert_eq!(
+                text(CommandKind::Drive, word).unwrap(),
+                drive(direction),
+                "{word}"
+            );
+        }
+        assert!(matches!(
+            text(CommandKind::Drive, "sideways"),
+            Err(CommandError::InvalidValue {
+                field: "direction",
+                ..
+            })
+        ));
+        assert!(matches!(
+            text(CommandKind::Drive, ""),
+            Err(CommandError::Empty { .. })
+        ));
+    }
+
+    #[test]
+    fn plain_text_speed_servo_eyes_stop() {
+        let both = |s| Command::Speed(SpeedTarget([Some(s), Some(s)]));
+        assert_eq!(text(CommandKind::Speed, "7").unwrap(), both(7));
+        assert_eq!(text(CommandKind::Speed, "30%").unwrap(), both(3));
+        assert_eq!(text(CommandKind::Speed, "fifty").unwrap(), both(5));
+        assert_eq!(text(CommandKind::Speed, "100").unwrap(), both(10));
+        assert_eq!(
+            text(CommandKind::Speed, "3 8").unwrap(),
+            Command::Speed(SpeedTarget([Some(3), Some(8)]))
+        );
+        assert!(matches!(
+            text(CommandKind::Speed, "11"),
+            Err(CommandError::OutOfRange { value: 11, .. })
+        ));
+        assert_eq!(
+            text(CommandKind::Servo, "mid").unwrap(),
+            Command::Servo(ServoTarget([Some(0), Some(0)]))
+        );
+        assert_eq!(
+            text(CommandKind::Servo, "-45 90").unwrap(),
+            Command::Servo(ServoTarget([Some(-45), Some(90)]))
+        );
+        assert_eq!(
+            text(CommandKind::Servo, "12.0").unwrap(),
+            Command::Servo(ServoTarget([Some(12), Some(12)]))
+        );
+        assert!(matches!(
+            text(CommandKind::Servo, "91"),
+            Err(CommandError::OutOfRange { value: 91, .. })
+        ));
+        assert!(text(CommandKind::Servo, "12.5").is_err());
+        assert_eq!(
+            text(CommandKind::Eyes, "ON").unwrap(),
+            Command::Eyes(EyesCommand::On)
+        );
+        assert_eq!(
+            text(CommandKind::Eyes, "blink").unwrap(),
+            Command::Eyes(EyesCommand::Blink { duration_ms: None })
+        );
+        assert!(text(CommandKind::Eyes, "maybe").is_err());
+        // The e-stop is never refused for its payload.
+        assert_eq!(text(CommandKind::Stop, "").unwrap(), Command::Stop);
+        assert_eq!(
+            text(CommandKind::Stop, "now please").unwrap(),
+            Command::Stop
+        );
+    }
+
+    #[test]
+    fn json_full_form() {
+        let env = CommandEnvelope::parse(
+            CommandKind::Drive,
+            br#"{"direction":"north","speed":7,"hold_ms":800,"id":"c-1",
+                "traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            env.command,
+            Command::Drive {
+                direction: Direction::Forward,
+                speed: Some(7),
+                hold_ms: Some(800)
+            }
+        );
+        assert_eq!(env.id.as_deref(), Some("c-1"));
+        assert!(env.traceparent.is_some());
+    }
+
+    #[test]
+    fn json_errors_are_specific() {
+        let err =
+            |kind, payload: &str| CommandEnvelope::parse(kind, payload.as_bytes()).unwrap_err();
+        assert!(matches!(
+            err(CommandKind::Drive, "{"),
+            CommandError::InvalidJson(_)
+        ));
+        assert!(matches!(
+            err(CommandKind::Drive, "{}"),
+            CommandError::MissingField { field: "direction" }
+        ));
+        assert!(matches!(
+            err(CommandKind::Drive, r#"{"directoin":"forward"}"#),
+            CommandError::UnknownField { .. }
+        ));
+        assert!(matches!(
+            err(CommandKind::Drive, r#"{"direction":5}"#),
+            CommandError::InvalidValue {
+                field: "direction",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(CommandKind::Drive, r#"{"direction":"forward","hold_ms":0}"#),
+            CommandError::OutOfRange {
+                field: "hold_ms",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(CommandKind::Speed, r#"{"preset":30,"motor1":2}"#),
+            CommandError::Conflict(_)
+        ));
+        assert!(matches!(
+            err(CommandKind::Servo, r#"{}"#),
+            CommandError::MissingField { .. }
+        ));
+        assert!(matches!(
+            err(CommandKind::Stop, r#"{"id":"has space"}"#),
+            CommandError::InvalidValue { field: "id", .. }
+        ));
+        assert!(matches!(
+            err(CommandKind::Stop, r#"{"traceparent":"nope"}"#),
+            CommandError::InvalidValue {
+                field: "traceparent",
+                ..
+            }
+        ));
+        assert!(matches!(
+            CommandEnvelope::parse(CommandKind::Drive, &[0xff, 0xfe]).unwrap_err(),
+            CommandError::NotUtf8
+        ));
+        let huge = vec![b'a'; MAX_COMMAND_PAYLOAD + 1];
+        let too_large = CommandEnvelope::parse(CommandKind::Drive, &huge).unwrap_err();
+        assert_eq!(too_large.code(), "payload_too_large");
+    }
+
+    #[test]
+    fn canonical_json_round_trips() {
+        let commands = [
+            Command::Drive {
+                direction: Direction::Left,
+                speed: Some(4),
+                hold_ms: Some(1500),
+            },
+            drive(Direction::Stop),
+            Command::Speed(SpeedTarget([Some(2), None])),
+            Command::Eyes(EyesCommand::Blink {
+                duration_ms: Some(300),
+            }),
+            Command::Eyes(EyesCommand::Off),
+            Command::Servo(ServoTarget([None, Some(-90)])),
+            Command::Stop,
+        ];
+        for command in commands {
+            let mut env = CommandEnvelope::new(command);
+            env.id = Some("abc-1".into());
+            env.tracestate = Some("vendor=1".into());
+            env.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .ok();
+            let bytes = env.to_json().to_string();
+            let back = CommandEnvelope::parse(command.kind(), bytes.as_bytes()).unwrap();
+            assert_eq!(back, env, "{bytes}");
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The fleet's MQTT wire contract, shared by the broker, the robot node and the gateway.
+//!
+//! Everything here is pure data and parsing: topics, command payloads (plain text and
+//! JSON), state, status and result documents, and the W3C trace-context carrier. No I/O,
+//! so every rule of the contract can be unit-tested and fuzzed in isolation.
+//! `docs/protocol.md` is the human-readable version of this crate.
+
+pub mod command;
+pub mod state;
+pub mod topic;
+pub mod trace;
+
+pub use command::{
+    Command, CommandEnvelope, CommandError, CommandKind, Direction, EyesCommand, ServoTarget,
+    SpeedTarget,
+};
+pub use state::{
+    Availability, CommandOutcome, CommandResult, EyesState, LastCommand, MotorDirection,
+    MotorState, RobotState,
+};
+pub use topic::{CommandTarget, RobotId, TopicError, TopicPrefix, Topics};
+pub use trace::{TraceContextError, TraceParent};
+
+/// MQTT 5 user property that carries the command id alongside the payload.
+pub const COMMAND_ID_PROPERTY: &str = "command-id";

@@ -1,0 +1,217 @@
+//! What robots publish: retained state, availability, and one result per command.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{CommandKind, Direction};
+
+/// Availability on `<prefix>/<robot>/status` (retained). `offline` is the node's last will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Online,
+    Offline,
+}
+
+impl Availability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Online => "online",
+            Availability::Offline => "offline",
+        }
+    }
+}
+
+impl fmt::Display for Availability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Availability {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.trim() {
+            "online" => Ok(Availability::Online),
+            "offline" => Ok(Availability::Offline),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Which way one motor turns (from its pair of H-bridge inputs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MotorDirection {
+    Forward,
+    Backward,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MotorState {
+    pub direction: MotorDirection,
+    /// 0..=10; `null` on robots without speed control (no enable pins).
+    pub speed: Option<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandOutcome {
+    Ok,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastCommand {
+    pub id: String,
+    pub command: CommandKind,
+    pub status: CommandOutcome,
+}
+
+/// Retained JSON on `<prefix>/<robot>/state`, published on every change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobotState {
+    pub robot: String,
+    /// What the robot is doing as a whole: the direction it was last told to drive.
+    pub motion: Direction,
+    pub motors: Vec<MotorState>,
+    /// `on` or `off` (a blink shows as `on` until it ends).
+    pub eyes: EyesState,
+    /// Servo angles in degrees (-90..=90), one per servo the robot has.
+    pub servos: Vec<i16>,
+    pub last_command: Option<LastCommand>,
+    pub uptime_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EyesState {
+    On,
+    Off,
+}
+
+/// Exactly one per command: on the MQTT 5 response topic when the sender gave one,
+/// otherwise on `<prefix>/<robot>/result`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub id: String,
+    pub robot: String,
+    pub command: CommandKind,
+    pub status: CommandOutcome,
+    /// Stable error code (`bad_payload`, `out_of_range`, `not_supported`, ...).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub code: Option<String>,
+    /// Readable reason, for people.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+impl CommandResult {
+    pub fn ok(id: String, robot: String, command: CommandKind) -> Self {
+        Self {
+            id,
+            robot,
+            command,
+            status: CommandOutcome::Ok,
+            code: None,
+            error: None,
+        }
+    }
+
+    pub fn error(
+        id: String,
+        robot: String,
+        command: CommandKind,
+        code: &str,
+        error: String,
+    ) -> Self {
+        Self {
+            id,
+            robot,
+            command,
+            status: CommandOutcome::Error,
+            code: Some(code.to_owned()),
+            error: Some(error),
+        }
+    }
+}
+
+impl Serialize for CommandKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for CommandKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn state_document_shape() {
+        let state = RobotState {
+            robot: "linus".into(),
+            motion: Direction::Forward,
+            motors: vec![
+                MotorState {
+                    direction: MotorDirection::Forward,
+                    speed: Some(10),
+                },
+                MotorState {
+                    direction: MotorDirection::Forward,
+                    speed: Some(10),
+                },
+            ],
+            eyes: EyesState::Off,
+            servos: vec![0, -90],
+            last_command: Some(LastCommand {
+                id: "c1".into(),
+                command: CommandKind::Drive,
+                status: CommandOutcome::Ok,
+            }),
+            uptime_s: 5,
+        };
+        let doc = serde_json::to_value(&state).unwrap();
+        assert_eq!(doc["motion"], "forward");
+        assert_eq!(doc["motors"][0], json!({"direction":"forward","speed":10}));
+        assert_eq!(doc["last_command"]["command"], "drive");
+        let back: RobotState = serde_json::from_value(doc).unwrap();
+        assert_eq!(back, state);
+    }
+
+    #[test]
+    fn results_omit_empty_error_fields() {
+        let ok = CommandResult::ok("c1".into(), "linus".into(), CommandKind::Stop);
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap(),
+            json!({"id":"c1","robot":"linus","command":"stop","status":"ok"})
+        );
+        let err = CommandResult::error(
+            "c2".into(),
+            "torvalds".into(),
+            CommandKind::Speed,
+            "not_supported",
+            "no".into(),
+        );
+        let doc = serde_json::to_value(&err).unwrap();
+        assert_eq!(doc["status"], "error");
+        assert_eq!(doc["code"], "not_supported");
+    }
+
+    #[test]
+    fn availability_parses() {
+        assert_eq!("online".parse(), Ok(Availability::Online));
+        assert_eq!("offline\n".parse(), Ok(Availability::Offline));
+        assert!("maybe".parse::<Availability>().is_err());
+    }
+}

@@ -1,0 +1,328 @@
+//! Topic names: `<prefix>/<robot>/cmd/<command>`, `<prefix>/<robot>/state`, and so on.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::command::CommandKind;
+
+/// The robot id that addresses every robot at once (`fleet/all/cmd/stop` is the e-stop).
+pub const ALL_ROBOTS: &str = "all";
+
+/// Longest robot id accepted; keeps topics and metric labels bounded.
+pub const MAX_ROBOT_ID_LEN: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("robot id must not be empty")]
+    EmptyRobotId,
+    #[error("robot id is longer than {MAX_ROBOT_ID_LEN} characters")]
+    RobotIdTooLong,
+    #[error(
+        "robot id {0:?} may only contain ASCII letters, digits, '-' and '_', and must not start with '_'"
+    )]
+    InvalidRobotId(String),
+    #[error("robot id {0:?} is reserved")]
+    ReservedRobotId(String),
+    #[error(
+        "topic prefix {0:?} must be non-empty and must not contain '+', '#', NUL or start/end with '/'"
+    )]
+    InvalidPrefix(String),
+    #[error("topic {0:?} is not a command topic (<prefix>/<robot>/cmd/<command>)")]
+    NotACommandTopic(String),
+    #[error("unknown command {0:?} (expected drive, speed, eyes, servo or stop)")]
+    UnknownCommand(String),
+}
+
+/// A robot's name as it appears in topics, e.g. `linus`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RobotId(String);
+
+impl RobotId {
+    pub fn new(id: impl Into<String>) -> Result<Self, TopicError> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(TopicError::EmptyRobotId);
+        }
+        if id.len() > MAX_ROBOT_ID_LEN {
+            return Err(TopicError::RobotIdTooLong);
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if !id.chars().all(allowed) || id.starts_with('_') {
+            return Err(TopicError::InvalidRobotId(id));
+        }
+        if id == ALL_ROBOTS {
+            return Err(TopicError::ReservedRobotId(id));
+        }
+        Ok(Self(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RobotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for RobotId {
+    type Err = TopicError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// The first topic level of every fleet topic (default `fleet`). May contain `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPrefix(String);
+
+impl TopicPrefix {
+    pub fn new(prefix: impl Into<String>) -> Result<Self, TopicError> {
+        let prefix = prefix.into();
+        let bad = prefix.is_empty()
+            || prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.contains(['+', '#', '\0']);
+        if bad {
+            return Err(TopicError::InvalidPrefix(prefix));
+        }
+        Ok(Self(prefix))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for TopicPrefix {
+    fn default() -> Self {
+        Self("fleet".to_owned())
+    }
+}
+
+impl FromStr for TopicPrefix {
+    type Err = TopicError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for TopicPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who a command topic addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandTarget {
+    Robot(RobotId),
+    All,
+}
+
+/// Builds and parses every topic of the contract for one prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Topics {
+    prefix: TopicPrefix,
+}
+
+impl Topics {
+    pub fn new(prefix: TopicPrefix) -> Self {
+        Self { prefix }
+    }
+
+    pub fn prefix(&self) -> &TopicPrefix {
+        &self.prefix
+    }
+
+    /// `<prefix>/<robot>/cmd/<command>`
+    pub fn command(&self, robot: &RobotId, kind: CommandKind) -> String {
+        format!("{}/{}/cmd/{}", self.prefix, robot, kind)
+    }
+
+    /// `<prefix>/all/cmd/<command>`: reaches every robot.
+    pub fn fleet_command(&self, kind: CommandKind) -> String {
+        format!("{}/{ALL_ROBOTS}/cmd/{}", self.prefix, kind)
+    }
+
+    /// Subscription filter for one robot's commands.
+    pub fn command_filter(&self, robot: &RobotId) -> String {
+        format!("{}/{}/cmd/+", self.prefix, robot)
+    }
+
+    /// Subscription filter for fleet-wide commands.
+    pub fn fleet_command_filter(&self) -> String {
+        format!("{}/{ALL_ROBOTS}/cmd/+", self.prefix)
+    }
+
+    /// `<prefix>/<robot>/state`: retained JSON state.
+    pub fn state(&self, robot: &RobotId) -> String {
+        format!("{}/{}/state", self.prefix, robot)
+    }
+
+    /// `<prefix>/<robot>/status`: retained `online` / `offline` (the last will).
+    pub fn status(&self, robot: &RobotId) -> String {
+        format!("{}/{}/status", self.prefix, robot)
+    }
+
+    /// `<prefix>/<robot>/result`: command results for senders that gave no response topic.
+    pub fn result(&self, robot: &RobotId) -> String {
+        format!("{}/{}/result", self.prefix, robot)
+    }
+
+    /// `<prefix>/+/<leaf>`: one leaf topic of every robot (`state`, `status`, `result`).
+    pub fn every_robot(&self, leaf: &str) -> String {
+        format!("{}/+/{leaf}", self.prefix)
+    }
+
+    /// Where a gateway instance asks robots to send results (MQTT 5 response topic).
+    /// The leading `_` keeps it apart from robot ids, which may not start with `_`.
+    pub fn gateway_replies(&self, instance: &str) -> String {
+        format!("{}/_gateway/{instance}/result", self.prefix)
+    }
+
+    /// Parses `<prefix>/<robot|all>/cmd/<command>`.
+    pub fn parse_command(&self, topic: &str) -> Result<(CommandTarget, CommandKind), TopicError> {
+        let not_command = || TopicError::NotACommandTopic(topic.to_owned());
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+            .ok_or_else(not_command)?;
+        let mut levels = rest.split('/');
+        let (Some(robot), Some("cmd"), Some(command), None) =
+            (levels.next(), levels.next(), levels.next(), levels.next())
+        else {
+            return Err(not_command());
+        };
+        let target = if robot == ALL_ROBOTS {
+            CommandTarget::All
+        } else {
+            CommandTarget::Robot(RobotId::new(robot)?)
+        };
+        let kind = command
+            .parse()
+            .map_err(|_| TopicError::UnknownCommand(command.to_owned()))?;
+        Ok((target, kind))
+    }
+
+    /// The robot a `<prefix>/<robot>/<leaf>` topic belongs to, if it is one of ours.
+    pub fn robot_of<'t>(&self, topic: &'t str, leaf: &str) -> Option<&'t str> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('/')?;
+        let robot = rest.strip_suffix(leaf)?.strip_suffix('/')?;
+        (!robot.is_empty() && !robot.contains('/')).then_some(robot)
+    }
+
+    /// Whether `topic` is any command topic (`<prefix>/<x>/cmd/<y>`), valid or not.
+    /// The broker uses it to refuse retained commands.
+    pub fn is_command_topic(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+            .map(|rest| rest.split('/').nth(1) == Some("cmd"))
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linus() -> RobotId {
+        RobotId::new("linus").unwrap()
+    }
+
+    #[test]
+    fn builds_the_documented_topics() {
+        let t = Topics::default();
+        assert_eq!(
+            t.command(&linus(), CommandKind::Drive),
+            "fleet/linus/cmd/drive"
+        );
+        assert_eq!(t.fleet_command(CommandKind::Stop), "fleet/all/cmd/stop");
+        assert_eq!(t.state(&linus()), "fleet/linus/state");
+        assert_eq!(t.status(&linus()), "fleet/linus/status");
+        assert_eq!(t.result(&linus()), "fleet/linus/result");
+        assert_eq!(t.command_filter(&linus()), "fleet/linus/cmd/+");
+        assert_eq!(t.every_robot("state"), "fleet/+/state");
+    }
+
+    #[test]
+    fn parses_command_topics() {
+        let t = Topics::default();
+        assert_eq!(
+            t.parse_command("fleet/linus/cmd/drive").unwrap(),
+            (CommandTarget::Robot(linus()), CommandKind::Drive)
+        );
+        assert_eq!(
+            t.parse_command("fleet/all/cmd/stop").unwrap(),
+            (CommandTarget::All, CommandKind::Stop)
+        );
+        assert!(matches!(
+            t.parse_command("fleet/linus/cmd/dance"),
+            Err(TopicError::UnknownCommand(c)) if c == "dance"
+        ));
+        for bad in [
+            "fleet/linus/state",
+            "other/linus/cmd/drive",
+            "fleet/linus/cmd/drive/x",
+            "fleetx/linus/cmd/drive",
+        ] {
+            assert!(t.parse_command(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefixes_may_have_levels() {
+        let t = Topics::new(TopicPrefix::new("site/a").unwrap());
+        assert_eq!(
+            t.command(&linus(), CommandKind::Stop),
+            "site/a/linus/cmd/stop"
+        );
+        assert!(t.parse_command("site/a/linus/cmd/stop").is_ok());
+        assert_eq!(t.robot_of("site/a/linus/state", "state"), Some("linus"));
+        for bad in ["", "/x", "x/", "a/+", "#", "a\0b"] {
+            assert!(TopicPrefix::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn robot_ids_are_validated() {
+        for bad in [
+            "",
+            "all",
+            "_gateway",
+            "a/b",
+            "a+b",
+            "a#",
+            "li nus",
+            &"x".repeat(65),
+        ] {
+            assert!(RobotId::new(bad).is_err(), "{bad:?}");
+        }
+        for good in ["linus", "torvalds", "robot-7", "R2_D2"] {
+            assert!(RobotId::new(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn recognises_command_topics_for_the_broker() {
+        let t = Topics::default();
+        assert!(t.is_command_topic("fleet/linus/cmd/drive"));
+        assert!(t.is_command_topic("fleet/anything/cmd/whatever/deeper"));
+        assert!(!t.is_command_topic("fleet/linus/state"));
+        assert!(!t.is_command_topic("other/linus/cmd/drive"));
+    }
+
+    #[test]
+    fn finds_the_robot_of_a_leaf_topic() {
+        let t = Topics::default();
+        assert_eq!(t.robot_of("fleet/linus/state", "state"), Some("linus"));
+        assert_eq!(t.robot_of("fleet/linus/status", "state"), None);
+        assert_eq!(t.robot_of("fleet//state", "state"), None);
+        assert_eq!(t.robot_of("fleet/a/b/state", "state"), None);
+    }
+}

@@ -99,7 +99,8 @@ pub enum EyesState {
 pub struct CommandResult {
     pub id: String,
     pub robot: String,
-    pub command: CommandKind,
+    /// The command named by the topic (a string, so unknown commands get a result too).
+    pub command: String,
     pub status: CommandOutcome,
     /// Stable error code (`bad_payload`, `out_of_range`, `not_supported`, ...).
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -110,28 +111,22 @@ pub struct CommandResult {
 }
 
 impl CommandResult {
-    pub fn ok(id: String, robot: String, command: CommandKind) -> Self {
+    pub fn ok(id: String, robot: String, command: &str) -> Self {
         Self {
             id,
             robot,
-            command,
+            command: command.to_owned(),
             status: CommandOutcome::Ok,
             code: None,
             error: None,
         }
     }
 
-    pub fn error(
-        id: String,
-        robot: String,
-        command: CommandKind,
-        code: &str,
-        error: String,
-    ) -> Self {
+    pub fn error(id: String, robot: String, command: &str, code: &str, error: String) -> Self {
         Self {
             id,
             robot,
-            command,
+            command: command.to_owned(),
             status: CommandOutcome::Error,
             code: Some(code.to_owned()),
             error: Some(error),
@@ -191,7 +186,7 @@ mod tests {
 
     #[test]
     fn results_omit_empty_error_fields() {
-        let ok = CommandResult::ok("c1".into(), "linus".into(), CommandKind::Stop);
+        let ok = CommandResult::ok("c1".into(), "linus".into(), "stop");
         assert_eq!(
             serde_json::to_value(&ok).unwrap(),
             json!({"id":"c1","robot":"linus","command":"stop","status":"ok"})
@@ -199,7 +194,7 @@ mod tests {
         let err = CommandResult::error(
             "c2".into(),
             "torvalds".into(),
-            CommandKind::Speed,
+            "speed",
             "not_supported",
             "no".into(),
         );

@@ -1,0 +1,504 @@
+//! The node: one robot on one MQTT connection. Commands in, results and state out,
+//! availability through the last will, and the dead-man timer that stops the motors when
+//! drive commands stop coming or the broker link is lost.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet_protocol::{
+    Availability, COMMAND_ID_PROPERTY, Command, CommandEnvelope, CommandKind, CommandOutcome,
+    CommandResult, LastCommand, TopicError, TraceParent, command::validate_id,
+};
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, sleep_until};
+
+use crate::config::NodeConfig;
+use crate::driver::{Driver, DriverError};
+use crate::robot::{CommandFailure, Robot};
+
+/// Largest packet the node accepts. Bigger than any valid command, so that an oversized
+/// command reaches the parser and gets an error result instead of killing the link.
+const MAX_INCOMING_PACKET: u32 = 2 * 1024 * 1024;
+/// Requests queued towards the MQTT event loop.
+const OUTGOING_CAPACITY: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot drive the hardware to its safe state: {0}")]
+    Hardware(#[from] DriverError),
+}
+
+/// What a node has done, for tests and (issue 3) its Prometheus endpoint.
+#[derive(Debug, Default)]
+pub struct NodeCounters {
+    pub commands_ok: AtomicU64,
+    pub commands_failed: AtomicU64,
+    pub dead_man_stops: AtomicU64,
+    pub link_loss_stops: AtomicU64,
+    pub connects: AtomicU64,
+    /// Publishes the node could not queue (the outgoing queue was full).
+    pub publishes_dropped: AtomicU64,
+}
+
+enum LinkEvent {
+    Connected,
+    Disconnected(String),
+    Message(Publish),
+}
+
+/// Runs the robot until `shutdown` completes, then drives every output to its safe state
+/// and says `offline` before leaving.
+pub async fn run(
+    config: NodeConfig,
+    driver: Box<dyn Driver>,
+    counters: Arc<NodeCounters>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let robot = Robot::new(config.robot.clone(), driver)?;
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&config), OUTGOING_CAPACITY);
+    let (events_tx, events) = mpsc::channel(256);
+    let link = tokio::spawn(drive_link(eventloop, events_tx, counters.clone()));
+    let mut node = Node {
+        id_nonce: rand::random::<u32>(),
+        next_id: 0,
+        config,
+        robot,
+        client,
+        counters,
+        motors_deadline: None,
+        eye_deadline: None,
+    };
+    node.serve(events, shutdown).await;
+    node.leave().await;
+    // The link task ends once the DISCONNECT is written; don't wait forever for a dead link.
+    let _ = tokio::time::timeout(Duration::from_secs(1), link).await;
+    Ok(())
+}
+
+fn mqtt_options(config: &NodeConfig) -> MqttOptions {
+    let topics = &config.topics;
+    let mut options = MqttOptions::new(
+        config.client_id.clone(),
+        config.broker.host.clone(),
+        config.broker.port,
+    );
+    options.set_keep_alive(config.keep_alive);
+    options.set_clean_start(true);
+    options.set_max_packet_size(Some(MAX_INCOMING_PACKET));
+    options.set_last_will(LastWill::new(
+        topics.status(&config.robot.id),
+        Availability::Offline.as_str(),
+        QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    options
+}
+
+/// Polls the MQTT event loop (which also reconnects) and turns what happens into
+/// `LinkEvent`s. Retries with exponential backoff and full jitter.
+async fn drive_link(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<LinkEvent>,
+    counters: Arc<NodeCounters>,
+) {
+    let mut backoff = Backoff::default();
+    let mut connected = false;
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                backoff.reset();
+                counters.connects.fetch_add(1, Ordering::Relaxed);
+                LinkEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => LinkEvent::Message(publish),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => continue,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                let message = error.to_string();
+                if connected {
+                    connected = false;
+                    tracing::warn!(error = %message, "lost the broker connection");
+                } else {
+                    tracing::debug!(error = %message, ?delay, "cannot reach the broker, retrying");
+                }
+                if events.send(LinkEvent::Disconnected(message)).await.is_err() {
+                    return;
+                }
+                sleep(delay).await;
+                continue;
+            }
+        };
+        if events.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Exponential backoff with full jitter (0.1 s doubling to 5 s).
+struct Backoff {
+    attempt: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { attempt: 0 }
+    }
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(5);
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = Self::BASE
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(Self::CAP);
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+struct Node {
+    config: NodeConfig,
+    robot: Robot,
+    client: AsyncClient,
+    counters: Arc<NodeCounters>,
+    id_nonce: u32,
+    next_id: u64,
+    motors_deadline: Option<Instant>,
+    eye_deadline: Option<Instant>,
+}
+
+impl Node {
+    async fn serve(
+        &mut self,
+        mut events: mpsc::Receiver<LinkEvent>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return,
+                () = sleep_until_opt(self.motors_deadline) => self.dead_man_stop(),
+                () = sleep_until_opt(self.eye_deadline) => self.end_blink(),
+                event = events.recv() => match event {
+                    Some(LinkEvent::Connected) => self.on_connected(),
+                    Some(LinkEvent::Disconnected(reason)) => self.on_link_lost(&reason),
+                    Some(LinkEvent::Message(publish)) => self.on_message(publish),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn robot_name(&self) -> &str {
+        self.config.robot.id.as_str()
+    }
+
+    fn on_connected(&mut self) {
+        let topics = &self.config.topics;
+        let id = &self.config.robot.id;
+        tracing::info!(robot = %id, broker = %format!("{}:{}", self.config.broker.host, self.config.broker.port), "connected");
+        // A clean session starts with no subscriptions, so subscribe after every connect.
+        for filter in [topics.command_filter(id), topics.fleet_command_filter()] {
+            if let Err(error) = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                tracing::error!(%filter, %error, "cannot queue the subscription");
+            }
+        }
+        self.publish(
+            topics.status(id),
+            true,
+            Availability::Online.as_str().into(),
+            None,
+        );
+        self.publish_state();
+    }
+
+    fn on_link_lost(&mut self, reason: &str) {
+        if self.robot.is_moving() {
+            self.counters
+                .link_loss_stops
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(robot = %self.robot_name(), reason, "broker link lost: stopping the motors");
+            self.stop_motors_now();
+        }
+    }
+
+    fn dead_man_stop(&mut self) {
+        self.counters.dead_man_stops.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(robot = %self.robot_name(), "no drive refresh within the hold time: stopping the motors");
+        self.stop_motors_now();
+        self.publish_state();
+    }
+
+    fn stop_motors_now(&mut self) {
+        self.motors_deadline = None;
+        if let Err(error) = self.robot.stop_motors() {
+            tracing::error!(robot = %self.robot_name(), %error, "could not stop every motor pin");
+        }
+    }
+
+    fn end_blink(&mut self) {
+        self.eye_deadline = None;
+        if let Err(error) = self.robot.set_eye(false) {
+            tracing::error!(robot = %self.robot_name(), %error, "could not turn the eye off");
+        }
+        self.publish_state();
+    }
+
+    fn on_message(&mut self, publish: Publish) {
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let properties = publish.properties.unwrap_or_default();
+        let user_properties = || {
+            properties
+                .user_properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+        };
+
+        let (command_name, parsed) = match self.config.topics.parse_command(&topic) {
+            Ok((_target, kind)) => (
+                kind.as_str().to_owned(),
+                CommandEnvelope::parse(kind, &publish.payload).map_err(CommandFailure::from),
+            ),
+            Err(TopicError::UnknownCommand(name)) => {
+                let message = format!(
+                    "unknown command {name:?} (expected drive, speed, eyes, servo or stop)"
+                );
+                (
+                    name,
+                    Err(CommandFailure {
+                        code: "unknown_command",
+                        message,
+                    }),
+                )
+            }
+            Err(error) => {
+                let name = topic.rsplit('/').next().unwrap_or_default().to_owned();
+                (
+                    name,
+                    Err(CommandFailure {
+                        code: "bad_topic",
+                        message: error.to_string(),
+                    }),
+                )
+            }
+        };
+
+        let envelope = parsed.as_ref().ok();
+        let id = envelope
+            .and_then(|e| e.id.clone())
+            .or_else(|| {
+                user_properties()
+                    .find(|(k, v)| *k == COMMAND_ID_PROPERTY && validate_id(v).is_ok())
+                    .map(|(_, v)| v.to_owned())
+            })
+            .unwrap_or_else(|| self.generate_id());
+        let traceparent = TraceParent::from_properties(user_properties())
+            .or(envelope.and_then(|e| e.traceparent));
+        let trace_id = traceparent.map(|t| t.trace_id_hex()).unwrap_or_default();
+        let span = tracing::info_span!("command", robot = %self.robot_name(), command = %command_name, %id, %trace_id);
+        let _entered = span.enter();
+
+        let outcome = parsed.and_then(|envelope| self.execute(&envelope.command));
+        let result = match &outcome {
+            Ok(()) => {
+                self.counters.commands_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("command done");
+                CommandResult::ok(id.clone(), self.robot_name().to_owned(), &command_name)
+            }
+            Err(failure) => {
+                self.counters
+                    .commands_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(code = failure.code, error = %failure.message, "command refused");
+                CommandResult::error(
+                    id.clone(),
+                    self.robot_name().to_owned(),
+                    &command_name,
+                    failure.code,
+                    failure.message.clone(),
+                )
+            }
+        };
+        if let Ok(kind) = command_name.parse::<CommandKind>() {
+            self.robot.record_last_command(LastCommand {
+                id,
+                command: kind,
+                status: if outcome.is_ok() {
+                    CommandOutcome::Ok
+                } else {
+                    CommandOutcome::Error
+                },
+            });
+        }
+        self.publish_result(
+            &result,
+            properties.response_topic,
+            properties.correlation_data,
+        );
+        self.publish_state();
+    }
+
+    fn generate_id(&mut self) -> String {
+        self.next_id += 1;
+        format!(
+            "{}-{:08x}-{}",
+            self.robot_name(),
+            self.id_nonce,
+            self.next_id
+        )
+    }
+
+    /// Applies the robot's own limits, runs the command and arms its timers.
+    fn execute(&mut self, command: &Command) -> Result<(), CommandFailure> {
+        let hold = match command {
+            Command::Drive {
+                hold_ms: Some(ms), ..
+            } => {
+                let asked = Duration::from_millis(u64::from(*ms));
+                if asked > self.config.max_hold {
+                    return Err(CommandFailure {
+                        code: "out_of_range",
+                        message: format!(
+                            "hold_ms = {ms} is longer than {}'s maximum of {} ms",
+                            self.robot_name(),
+                            self.config.max_hold.as_millis()
+                        ),
+                    });
+                }
+                asked
+            }
+            _ => self.config.default_hold,
+        };
+        let blink = match command {
+            Command::Eyes(fleet_protocol::EyesCommand::Blink {
+                duration_ms: Some(ms),
+            }) => Duration::from_millis(u64::from(*ms)),
+            _ => self.config.blink,
+        };
+        let timers = self.robot.execute(command, hold, blink)?;
+        self.motors_deadline = if self.robot.is_moving() {
+            timers
+                .motors_until
+                .map(Instant::from_std)
+                .or(self.motors_deadline)
+        } else {
+            None
+        };
+        match (timers.eye_until, command) {
+            (Some(until), _) => self.eye_deadline = Some(Instant::from_std(until)),
+            (None, Command::Eyes(_) | Command::Stop) => self.eye_deadline = None,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn publish_result(
+        &mut self,
+        result: &CommandResult,
+        response_topic: Option<String>,
+        correlation: Option<Bytes>,
+    ) {
+        let topics = &self.config.topics;
+        let topic = match response_topic {
+            Some(t)
+                if !t.is_empty()
+                    && !t.contains(['+', '#', '\0'])
+                    && !topics.is_command_topic(&t) =>
+            {
+                t
+            }
+            Some(t) => {
+                tracing::warn!(response_topic = %t.escape_debug(), "unusable response topic; answering on the result topic");
+                topics.result(&self.config.robot.id)
+            }
+            None => topics.result(&self.config.robot.id),
+        };
+        let payload = serde_json::to_vec(result).unwrap_or_default();
+        let properties = correlation.map(|data| PublishProperties {
+            correlation_data: Some(data),
+            ..Default::default()
+        });
+        self.publish(topic, false, payload, properties);
+    }
+
+    fn publish_state(&mut self) {
+        let payload = serde_json::to_vec(&self.robot.state()).unwrap_or_default();
+        self.publish(
+            self.config.topics.state(&self.config.robot.id),
+            true,
+            payload,
+            None,
+        );
+    }
+
+    /// Queues a QoS 1 publish without waiting, so the node never blocks on the network
+    /// while motors may be running. A full queue is counted and logged.
+    fn publish(
+        &self,
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+        properties: Option<PublishProperties>,
+    ) {
+        let queued = match properties {
+            Some(p) => self.client.try_publish_with_properties(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                retain,
+                payload,
+                p,
+            ),
+            None => self
+                .client
+                .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload),
+        };
+        if let Err(error) = queued {
+            self.counters
+                .publishes_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%topic, %error, "publish dropped: outgoing queue full");
+        }
+    }
+
+    /// Safe state, last state, `offline`, and a clean DISCONNECT (so no will is sent).
+    async fn leave(&mut self) {
+        if let Err(error) = self.robot.safe_state() {
+            tracing::error!(robot = %self.robot_name(), %error, "could not reach the safe state on shutdown");
+        }
+        self.motors_deadline = None;
+        self.eye_deadline = None;
+        self.publish_state();
+        self.publish(
+            self.config.topics.status(&self.config.robot.id),
+            true,
+            Availability::Offline.as_str().into(),
+            None,
+        );
+        let _ = self.client.try_disconnect();
+        tracing::info!(robot = %self.robot_name(), "stopped: outputs safe, status offline");
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,245 @@
+//! Real parts for tests: the fleet broker on 127.0.0.1 port 0, and MQTT clients (3.1.1 or
+//! 5) that record every message they receive so a test can wait for what it expects.
+//! Panicking is how a test helper reports failure, so `expect` is fine here.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_broker::{BrokerConfig, RunningBroker};
+use rumqttc::v5;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, timeout};
+
+/// How long a test waits for something that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Starts the real broker on a free loopback port.
+pub async fn start_broker() -> RunningBroker {
+    fleet_broker::start(BrokerConfig {
+        mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..BrokerConfig::default()
+    })
+    .await
+    .expect("the broker starts on port 0")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// MQTT 5 user properties (empty for 3.1.1).
+    pub user_properties: Vec<(String, String)>,
+    pub correlation_data: Option<Vec<u8>>,
+}
+
+impl Message {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+
+    /// The payload as JSON, or `Null` when it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[derive(Default)]
+struct Inbox {
+    messages: Mutex<Vec<Message>>,
+    errors: Mutex<Vec<String>>,
+    changed: Notify,
+}
+
+/// An MQTT client that subscribes to one filter and records everything it receives.
+pub struct Watcher {
+    inbox: Arc<Inbox>,
+    v311: Option<rumqttc::AsyncClient>,
+    v5: Option<v5::AsyncClient>,
+}
+
+impl Watcher {
+    /// An MQTT 3.1.1 client, like `mosquitto_sub` or Home Assistant.
+    pub async fn v311(addr: SocketAddr, client_id: &str, filter: &str) -> Watcher {
+        let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+        let inbox = Arc::new(Inbox::default());
+        let (ready_tx, mut ready) = mpsc::unbounded_channel();
+        let (recorder, sub_client, filter) = (inbox.clone(), client.clone(), filter.to_owned());
+        tokio::spawn(async move {
+            use rumqttc::{Event, Packet, QoS};
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = sub_client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => recorder.record(Message {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                        user_properties: Vec::new(),
+                        correlation_data: None,
+                    }),
+                    Ok(_) => {}
+                    Err(e) => {
+                        recorder.errors.lock().expect("lock").push(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        timeout(WAIT, ready.recv())
+            .await
+            .expect("3.1.1 watcher subscribed in time");
+        Watcher {
+            inbox,
+            v311: Some(client),
+            v5: None,
+        }
+    }
+
+    /// An MQTT 5 client (sees user properties and correlation data).
+    pub async fn v5(addr: SocketAddr, client_id: &str, filter: &str) -> Watcher {
+        let mut options = v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = v5::AsyncClient::new(options, 1000);
+        let inbox = Arc::new(Inbox::default());
+        let (ready_tx, mut ready) = mpsc::unbounded_channel();
+        let (recorder, sub_client, filter) = (inbox.clone(), client.clone(), filter.to_owned());
+        tokio::spawn(async move {
+            use v5::Event;
+            use v5::mqttbytes::v5::Packet;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = sub_client
+                            .subscribe(filter.clone(), v5::mqttbytes::QoS::AtLeastOnce)
+                            .await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let properties = p.properties.clone().unwrap_or_default();
+                        recorder.record(Message {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                            user_properties: properties.user_properties,
+                            correlation_data: properties.correlation_data.map(|c| c.to_vec()),
+                        })
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        recorder.errors.lock().expect("lock").push(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        timeout(WAIT, ready.recv())
+            .await
+            .expect("MQTT 5 watcher subscribed in time");
+        Watcher {
+            inbox,
+            v311: None,
+            v5: Some(client),
+        }
+    }
+
+    /// Publishes a QoS 1 message with this client.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        let payload = payload.into();
+        if let Some(client) = &self.v311 {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("publish queued");
+        } else if let Some(client) = &self.v5 {
+            client
+                .publish(topic, v5::mqttbytes::QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("publish queued");
+        }
+    }
+
+    /// Publishes a QoS 1 MQTT 5 message with properties (MQTT 5 watchers only).
+    pub async fn publish_with_properties(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        properties: v5::mqttbytes::v5::PublishProperties,
+    ) {
+        let client = self.v5.as_ref().expect("an MQTT 5 watcher");
+        client
+            .publish_with_properties(
+                topic,
+                v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload.into(),
+                properties,
+            )
+            .await
+            .expect("publish queued");
+    }
+
+    /// Waits until a message matching `accept` has arrived (including earlier ones).
+    pub async fn wait_for(&self, what: &str, accept: impl Fn(&Message) -> bool) -> Message {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let notified = self.inbox.changed.notified();
+            if let Some(found) = self.messages().into_iter().find(|m| accept(m)) {
+                return found;
+            }
+            if timeout(deadline.saturating_duration_since(Instant::now()), notified)
+                .await
+                .is_err()
+            {
+                panic!(
+                    "timed out waiting for {what}; received: {:#?}",
+                    self.messages()
+                        .iter()
+                        .map(|m| (m.topic.clone(), m.text()))
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    /// Waits for a message on `topic` whose JSON payload satisfies `accept`.
+    pub async fn wait_for_json(
+        &self,
+        topic: &str,
+        accept: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait_for(topic, |m| m.topic == topic && accept(&m.json()))
+            .await
+            .json()
+    }
+
+    pub fn messages(&self) -> Vec<Message> {
+        self.inbox.messages.lock().expect("lock").clone()
+    }
+
+    /// Connection errors seen so far (a healthy watcher has none).
+    pub fn errors(&self) -> Vec<String> {
+        self.inbox.errors.lock().expect("lock").clone()
+    }
+
+    pub fn clear(&self) {
+        self.inbox.messages.lock().expect("lock").clear();
+    }
+}
+
+impl Inbox {
+    fn record(&self, message: Message) {
+        self.messages.lock().expect("lock").push(message);
+        self.changed.notify_waiters();
+    }
+}

@@ -8,4 +8,4 @@ pub mod robot;
 
 pub use config::{BrokerAddress, NodeConfig, RobotConfig};
 pub use driver::{Driver, SimulatedDriver};
-pub use node::{NodeCounters, run};
+pub use node::{NodeCounters, NodeError, NodeHandle, run, spawn};

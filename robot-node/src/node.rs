@@ -502,3 +502,42 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// A node running in the background (the all-in-one binary and tests run several).
+pub struct NodeHandle {
+    counters: Arc<NodeCounters>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), NodeError>>,
+}
+
+impl NodeHandle {
+    pub fn counters(&self) -> &Arc<NodeCounters> {
+        &self.counters
+    }
+
+    /// Shuts the node down cleanly (safe state, `offline`) and waits for it.
+    pub async fn stop(mut self) -> Result<(), NodeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.await {
+            Ok(outcome) => outcome,
+            // The task only ends by returning; a join error means it was cancelled.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Starts a node on the current runtime.
+pub fn spawn(config: NodeConfig, driver: Box<dyn Driver>) -> NodeHandle {
+    let counters = Arc::new(NodeCounters::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run(config, driver, counters.clone(), async {
+        let _ = stopped.await;
+    }));
+    NodeHandle {
+        counters,
+        stop: Some(stop),
+        task,
+    }
+}

@@ -1,51 +1,20 @@
 //! A node on the simulated backend against the real broker, driven by real MQTT clients.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_testkit::{Watcher, start_broker};
-use robot_node::{BrokerAddress, NodeConfig, NodeCounters, RobotConfig, SimulatedDriver};
+use robot_node::{BrokerAddress, NodeConfig, NodeHandle, RobotConfig, SimulatedDriver};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use tokio::sync::oneshot;
 
-struct TestNode {
-    counters: Arc<NodeCounters>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TestNode {
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = self.task.await;
-    }
-}
-
-fn spawn_node(addr: std::net::SocketAddr, robot: RobotConfig, hold: Duration) -> TestNode {
+fn spawn_node(addr: std::net::SocketAddr, robot: RobotConfig, hold: Duration) -> NodeHandle {
     let broker = BrokerAddress {
         host: addr.ip().to_string(),
         port: addr.port(),
     };
     let mut config = NodeConfig::new(robot, broker);
     config.default_hold = hold;
-    let counters = Arc::new(NodeCounters::default());
-    let (stop, stopped) = oneshot::channel::<()>();
     let driver = Box::new(SimulatedDriver::new(config.robot.id.to_string()));
-    let node_counters = counters.clone();
-    let task = tokio::spawn(async move {
-        robot_node::run(config, driver, node_counters, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("node runs");
-    });
-    TestNode {
-        counters,
-        stop: Some(stop),
-        task,
-    }
+    robot_node::spawn(config, driver)
 }
 
 #[tokio::test]
@@ -127,12 +96,12 @@ async fn bad_payloads_get_error_results_and_the_node_keeps_serving() {
         .wait_for_json("fleet/torvalds/state", |s| s["motion"] == "forward")
         .await;
     assert_eq!(
-        node.counters
+        node.counters()
             .commands_failed
             .load(std::sync::atomic::Ordering::Relaxed),
         7
     );
-    node.stop().await;
+    node.stop().await.expect("clean stop");
 }
 
 #[tokio::test]
@@ -202,7 +171,7 @@ async fn the_dead_man_stops_the_motors_and_the_e_stop_reaches_everyone() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(
         linus
-            .counters
+            .counters()
             .dead_man_stops
             .load(std::sync::atomic::Ordering::Relaxed),
         1
@@ -223,7 +192,7 @@ async fn the_dead_man_stops_the_motors_and_the_e_stop_reaches_everyone() {
         .await;
 
     // A clean shutdown says offline (and a crash would, through the last will).
-    torvalds.stop().await;
+    torvalds.stop().await.expect("clean stop");
     watcher
         .wait_for("offline", |m| {
             m.topic == "fleet/torvalds/status" && m.text() == "offline"

@@ -1,1 +1,124 @@
-fn main() {}
+//! `fleet`: the whole fleet in one process — the MQTT broker, the gateway with its web UI,
+//! and simulated robots — for trying it out and for development. Only wiring: each part
+//! is a library that also runs as its own binary.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use fleet_broker::BrokerConfig;
+use fleet_gateway::GatewayConfig;
+use fleet_protocol::{RobotId, TopicPrefix, Topics};
+use robot_node::{BrokerAddress, NodeConfig, RobotConfig, SimulatedDriver};
+
+/// Runs the MQTT broker, the gateway and simulated robots in one process.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where the broker accepts MQTT over TCP (3.1.1 and 5)
+    #[arg(long, env = "FLEET_MQTT_ADDR", default_value = "127.0.0.1:1883")]
+    mqtt_addr: SocketAddr,
+    /// Where the broker accepts MQTT over websockets (path /mqtt)
+    #[arg(long, env = "FLEET_WS_ADDR", default_value = "127.0.0.1:8083")]
+    ws_addr: SocketAddr,
+    /// Where the gateway serves the web UI and HTTP API
+    #[arg(long, env = "FLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    /// Simulated robots to run (comma-separated); linus and torvalds have their own pin maps
+    #[arg(
+        long,
+        env = "FLEET_ROBOTS",
+        value_delimiter = ',',
+        default_value = "linus,torvalds"
+    )]
+    robots: Vec<RobotId>,
+    /// First topic level of every fleet topic
+    #[arg(long, env = "FLEET_TOPIC_PREFIX", default_value = "fleet")]
+    topic_prefix: TopicPrefix,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    fleet_runtime::init_logging();
+    let args = Args::parse();
+    let topics = Topics::new(args.topic_prefix);
+
+    let broker = fleet_broker::start(BrokerConfig {
+        mqtt_addr: args.mqtt_addr,
+        ws_addr: Some(args.ws_addr),
+        topics: topics.clone(),
+        ..BrokerConfig::default()
+    })
+    .await
+    .context(
+        "starting the broker (is another MQTT broker already using the port? see --mqtt-addr)",
+    )?;
+    let mqtt = broker.mqtt_addr();
+
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("cannot serve HTTP on {} (see --http-addr)", args.http_addr))?;
+    let http = listener.local_addr()?;
+    let mut gateway_config = GatewayConfig::new(mqtt.ip().to_string(), mqtt.port());
+    gateway_config.http_addr = http;
+    gateway_config.robots = args.robots.clone();
+    gateway_config.topics = topics.clone();
+    let gateway_state = fleet_gateway::connect(&gateway_config);
+    let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
+    let gateway = tokio::spawn(fleet_gateway::serve(listener, gateway_state, async {
+        let _ = gateway_stopped.await;
+    }));
+
+    let nodes: Vec<_> = args
+        .robots
+        .iter()
+        .map(|id| {
+            let address = BrokerAddress {
+                host: mqtt.ip().to_string(),
+                port: mqtt.port(),
+            };
+            let mut config = NodeConfig::new(RobotConfig::preset_or_default(id.clone()), address);
+            config.topics = topics.clone();
+            robot_node::spawn(config, Box::new(SimulatedDriver::new(id.to_string())))
+        })
+        .collect();
+
+    let names: Vec<String> = args.robots.iter().map(ToString::to_string).collect();
+    let first = names.first().map(String::as_str).unwrap_or("linus");
+    println!();
+    println!(
+        "  fleet is running: {} simulated robot(s): {}",
+        names.len(),
+        names.join(", ")
+    );
+    println!("  web UI      http://{http}/");
+    println!(
+        "  MQTT        {mqtt} (3.1.1 and 5), websockets ws://{}/mqtt",
+        broker.ws_addr().unwrap_or(args.ws_addr)
+    );
+    println!(
+        "  try         mosquitto_pub -h {} -p {} -t {}/{first}/cmd/drive -m forward",
+        mqtt.ip(),
+        mqtt.port(),
+        topics.prefix()
+    );
+    println!(
+        "              mosquitto_sub -h {} -p {} -v -t '{}/#'",
+        mqtt.ip(),
+        mqtt.port(),
+        topics.prefix()
+    );
+    println!("  Ctrl-C stops everything (motors off first).");
+    println!();
+
+    fleet_runtime::shutdown_signal().await;
+    for node in nodes {
+        if let Err(error) = node.stop().await {
+            tracing::error!(%error, "a robot did not stop cleanly");
+        }
+    }
+    let _ = stop_gateway.send(());
+    let _ = gateway.await;
+    broker.stop();
+    Ok(())
+}

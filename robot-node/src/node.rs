@@ -145,14 +145,9 @@ async fn drive_link(
 }
 
 /// Exponential backoff with full jitter (0.1 s doubling to 5 s).
+#[derive(Default)]
 struct Backoff {
     attempt: u32,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { attempt: 0 }
-    }
 }
 
 impl Backoff {

@@ -117,6 +117,8 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
             "rmqtt-retainer",
             "storage.type = \"ram\"\nmax_retained_messages = 0\nmax_payload_size = \"1MB\"\nretained_message_ttl = \"0m\"\n",
         )
+        // MQTT 5 shared subscriptions (`$share/<group>/<filter>`) spread messages evenly.
+        .plugins_config_map_add("rmqtt-shared-subscription", "strategy = \"round_robin\"\n")
         .build()
         .await;
     rmqtt_retainer::register(&scx, true, false)
@@ -184,6 +186,8 @@ fn listener(config: &BrokerConfig, name: &str, addr: SocketAddr) -> Builder {
     Builder::new()
         .name(name)
         .laddr(addr)
+        // A restarted broker must be able to bind while old connections sit in TIME_WAIT.
+        .reuseaddr(Some(true))
         .allow_anonymous(config.allow_anonymous)
         .max_inflight(config.max_inflight)
         .max_mqueue_len(config.max_queue_len)

@@ -1,6 +1,7 @@
 //! What every fleet binary shares: logging, shutdown signals and `host:port` parsing.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::str::FromStr;
 
 use tracing_subscriber::EnvFilter;
@@ -8,11 +9,15 @@ use tracing_subscriber::EnvFilter;
 /// Logs to stderr; the level comes from `RUST_LOG` (default `info`, with rmqtt's own
 /// per-connection chatter at `warn`).
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rmqtt=warn,rmqtt_net=warn,rmqtt_retainer=warn"));
+    // rmqtt's plugins log their configuration at info level under hyphenated targets.
+    const QUIET_DEPENDENCIES: &str =
+        "info,rmqtt=warn,rmqtt_net=warn,rmqtt-retainer=warn,rmqtt-shared-subscription=warn";
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(QUIET_DEPENDENCIES));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

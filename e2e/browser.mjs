@@ -1,0 +1,71 @@
+// Drives the fleet's web page in Debian's chromium: hold a D-pad button and the simulated
+// robot moves (and keeps moving past the dead-man time while held); release and it stops.
+// BASE is the gateway's URL; a screenshot goes to ART/ui.png.
+import { chromium } from "playwright-core";
+
+const base = process.env.BASE ?? "http://127.0.0.1:8080";
+const artifacts = process.env.ART ?? ".";
+const HOLD_LONGER_THAN_DEAD_MAN_MS = 1600;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+
+const motionOf = (page, robot) => page.textContent(`[data-robot=${robot}] .motion`);
+const waitForMotion = (page, robot, motion) =>
+  page.waitForFunction(
+    ([r, m]) => document.querySelector(`[data-robot=${r}] .motion`)?.textContent === m,
+    [robot, motion],
+    { timeout: 5000 },
+  );
+
+async function holdButton(page, robot, direction, expected) {
+  const button = page.locator(`[data-robot=${robot}] [data-direction=${direction}]`);
+  const box = await button.boundingBox();
+  if (!box) throw new Error(`no ${direction} button for ${robot}`);
+  await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  await page.mouse.down();
+  await waitForMotion(page, robot, expected);
+  await page.waitForTimeout(HOLD_LONGER_THAN_DEAD_MAN_MS);
+  const held = await motionOf(page, robot);
+  if (held !== expected) throw new Error(`${robot} stopped while the button was held (${held})`);
+  await page.screenshot({ path: `${artifacts}/ui-holding-${robot}.png`, fullPage: true });
+  await page.mouse.up();
+  await waitForMotion(page, robot, "stop");
+  console.log(`browser: ${robot} ${direction} -> ${expected} while held, stop on release`);
+}
+
+let exitCode = 0;
+try {
+  const page = await browser.newPage({ viewport: { width: 1100, height: 700 } });
+  page.on("console", (msg) => console.log(`page console: ${msg.text()}`));
+  page.on("pageerror", (err) => { console.error(`page error: ${err}`); exitCode = 1; });
+  await page.goto(base);
+  for (const robot of ["linus", "torvalds"]) {
+    await page.waitForSelector(`[data-robot=${robot}] .badge.online`, { timeout: 10000 });
+  }
+  await holdButton(page, "linus", "forward", "forward");
+  await holdButton(page, "torvalds", "left", "left");
+
+  // Leaving the button while pressed also stops the robot.
+  const button = page.locator("[data-robot=linus] [data-direction=right]");
+  await button.hover();
+  await page.mouse.down();
+  await waitForMotion(page, "linus", "right");
+  await page.mouse.move(5, 5);
+  await waitForMotion(page, "linus", "stop");
+  await page.mouse.up();
+  console.log("browser: leaving a held button stops the robot");
+
+  await page.screenshot({ path: `${artifacts}/ui.png`, fullPage: true });
+} catch (error) {
+  console.error(`browser: ${error.stack ?? error}`);
+  exitCode = 1;
+} finally {
+  await browser.close();
+}
+process.exit(exitCode);

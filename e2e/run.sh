@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# End-to-end suite: the real `fleet` binary, real mosquitto clients (MQTT 3.1.1 and 5),
+# curl against the gateway, and Debian's chromium driving the web page.
+# Installs what it needs itself. Artifacts (logs, screenshot) go to e2e/artifacts/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ART=$ROOT/e2e/artifacts
+rm -rf "$ART" && mkdir -p "$ART"
+
+# --- what the suite needs -------------------------------------------------------------
+need_apt=()
+command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v chromium >/dev/null || need_apt+=(chromium)
+if ((${#need_apt[@]})); then
+  echo "e2e: installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+(cd e2e && npm ci --no-audit --no-fund --loglevel=error)
+
+FLEET=${FLEET_BIN:-$ROOT/target/debug/fleet}
+[[ -x $FLEET ]] || cargo build --bin fleet
+MQTT_PORT=${E2E_MQTT_PORT:-18831}
+WS_PORT=${E2E_WS_PORT:-18083}
+HTTP_PORT=${E2E_HTTP_PORT:-18080}
+BASE=http://127.0.0.1:$HTTP_PORT
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+passed=0
+failed=0
+check() { # check NAME COMMAND...: runs a check, counts it, never stops the suite
+  local name=$1; shift
+  if "$@"; then echo "ok   - $name"; passed=$((passed + 1))
+  else echo "FAIL - $name"; failed=$((failed + 1)); fi
+}
+wait_for() { # wait_for SECONDS COMMAND...: retries until the command succeeds
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" 2>/dev/null; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.1
+  done
+}
+has_line() { grep -qE "$2" "$1"; }
+
+# --- the whole fleet in one process ----------------------------------------------------
+RUST_LOG=info "$FLEET" --mqtt-addr 127.0.0.1:$MQTT_PORT --ws-addr 127.0.0.1:$WS_PORT \
+  --http-addr 127.0.0.1:$HTTP_PORT >"$ART/fleet.log" 2>&1 &
+FLEET_PID=$!
+pids+=($FLEET_PID)
+check "fleet starts and the gateway answers /health" wait_for 60 curl -fsS "$BASE/health" -o /dev/null
+check "/health says ok" has_line <(curl -fsS "$BASE/health") '"health":"ok"'
+
+# Watchers as a user would run them: MQTT 3.1.1 and MQTT 5, everything under fleet/.
+mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -v -t 'fleet/#' >"$ART/sub-v311.txt" 2>&1 &
+SUB311=$!; pids+=($SUB311)
+mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv5 -F '%t %p %P' -t 'fleet/#' >"$ART/sub-v5.txt" 2>&1 &
+SUB5=$!; pids+=($SUB5)
+check "both robots are online (retained status)" wait_for 20 has_line "$ART/sub-v311.txt" '^fleet/torvalds/status online'
+check "linus is online" has_line "$ART/sub-v311.txt" '^fleet/linus/status online'
+
+# The README's command: plain text over MQTT 3.1.1.
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -q 1 -t fleet/linus/cmd/drive -m forward
+check "mosquitto_pub drive forward (3.1.1) moves linus, seen by a 3.1.1 subscriber" \
+  wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/linus/state .*"motion":"forward"'
+check "... and by an MQTT 5 subscriber" wait_for 10 has_line "$ART/sub-v5.txt" '^fleet/linus/state .*"motion":"forward"'
+check "the dead-man stops linus after the hold time" \
+  wait_for 10 bash -c "tac '$ART/sub-v311.txt' | grep -m1 '^fleet/linus/state' | grep -q '\"motion\":\"stop\"'"
+
+# MQTT 5 with a traceparent user property and JSON, as another tool would send it.
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv5 -q 1 -t fleet/torvalds/cmd/drive \
+  -D publish user-property traceparent 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 \
+  -m '{"direction":"east","hold_ms":3000,"id":"e2e-mqtt5"}'
+check "MQTT 5 JSON drive east moves torvalds right" \
+  wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/torvalds/state .*"motion":"right"'
+check "the result carries the command id" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/torvalds/result .*"id":"e2e-mqtt5".*"status":"ok"'
+
+# A bad payload gets an error result, and the node keeps serving.
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -q 1 -t fleet/linus/cmd/servo -m 500
+check "a bad payload gets an error result" \
+  wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/linus/result .*"status":"error".*"code":"out_of_range"'
+
+# The gateway: HTTP command with a traceparent header, published as MQTT 5 with properties.
+code=$(curl -sS -o "$ART/http-drive.json" -w '%{http_code}' -X POST \
+  -H 'traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01' \
+  -d '{"direction":"backward","hold_ms":3000}' "$BASE/api/robots/linus/commands/drive")
+check "POST /api/robots/linus/commands/drive answers 202" test "$code" = 202
+check "linus drives backward" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/linus/state .*"motion":"backward"'
+check "the MQTT 5 subscriber sees the gateway's traceparent user property" \
+  wait_for 10 has_line "$ART/sub-v5.txt" '^fleet/linus/cmd/drive .*traceparent:00-0af7651916cd43dd8448eb211c80319c-'
+code=$(curl -sS -o "$ART/http-bad.json" -w '%{http_code}' -X POST -d 'sideways' "$BASE/api/robots/linus/commands/drive")
+check "a bad HTTP body answers 400 with a JSON error" test "$code" = 400
+check "... whose code is bad_payload" has_line "$ART/http-bad.json" '"code":"bad_payload"'
+code=$(curl -sS -o /dev/null -w '%{http_code}' -X POST -d 'forward' "$BASE/api/robots/nobody/commands/drive")
+check "an unknown robot answers 404" test "$code" = 404
+check "the 3.1.1 subscriber survived MQTT 5 commands with properties" kill -0 $SUB311
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -q 1 -t fleet/torvalds/cmd/eyes -m on
+check "... and still receives messages" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/torvalds/state .*"eyes":"on"'
+robots_online() {
+  curl -fsS "$BASE/api/robots" | python3 -c '
+import json, sys
+robots = {r["id"]: r for r in json.load(sys.stdin)["robots"]}
+sys.exit(0 if all(robots.get(n, {}).get("online") is True for n in ("linus", "torvalds")) else 1)'
+}
+check "GET /api/robots lists both robots online" robots_online
+check "/metrics counts published commands" \
+  has_line <(curl -fsS "$BASE/metrics") '^fleet_gateway_commands_published_total\{command="drive"\} [1-9]'
+
+# The web page in a real browser: hold a D-pad button, the robot moves; release, it stops.
+check "the web page drives both robots (chromium)" \
+  env BASE="$BASE" ART="$ART" node e2e/browser.mjs
+
+# A clean shutdown leaves the robots safe and offline.
+kill -TERM $FLEET_PID
+check "SIGTERM: the fleet exits" wait_for 15 bash -c "! kill -0 $FLEET_PID"
+check "SIGTERM: robots say offline" has_line "$ART/sub-v311.txt" '^fleet/linus/status offline'
+
+echo
+echo "e2e: $passed passed, $failed failed"
+((failed == 0))

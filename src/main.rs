@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Parser;
 use fleet_broker::BrokerConfig;
-use fleet_gateway::GatewayConfig;
-use fleet_protocol::{RobotId, TopicPrefix, Topics};
+use fleet_gateway::{GatewayArgs, GatewayConfig};
+use fleet_runtime::TopicArgs;
 use robot_node::{BrokerAddress, NodeConfig, RobotConfig, SimulatedDriver};
 
 /// Runs the MQTT broker, the gateway and simulated robots in one process.
@@ -21,27 +21,19 @@ struct Args {
     /// Where the broker accepts MQTT over websockets (path /mqtt)
     #[arg(long, env = "FLEET_WS_ADDR", default_value = "127.0.0.1:8083")]
     ws_addr: SocketAddr,
-    /// Where the gateway serves the web UI and HTTP API
-    #[arg(long, env = "FLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
-    http_addr: SocketAddr,
-    /// Simulated robots to run (comma-separated); linus and torvalds have their own pin maps
-    #[arg(
-        long,
-        env = "FLEET_ROBOTS",
-        value_delimiter = ',',
-        default_value = "linus,torvalds"
-    )]
-    robots: Vec<RobotId>,
-    /// First topic level of every fleet topic
-    #[arg(long, env = "FLEET_TOPIC_PREFIX", default_value = "fleet")]
-    topic_prefix: TopicPrefix,
+    /// The gateway's flags; every robot in --robots runs simulated (linus and torvalds
+    /// with their own pin maps)
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    #[command(flatten)]
+    topics: TopicArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     fleet_runtime::init_logging();
     let args = Args::parse();
-    let topics = Topics::new(args.topic_prefix);
+    let topics = args.topics.topics();
 
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
@@ -55,22 +47,25 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let mqtt = broker.mqtt_addr();
 
-    let listener = tokio::net::TcpListener::bind(args.http_addr)
+    let http_addr = args.gateway.http_addr;
+    let listener = tokio::net::TcpListener::bind(http_addr)
         .await
-        .with_context(|| format!("cannot serve HTTP on {} (see --http-addr)", args.http_addr))?;
+        .with_context(|| format!("cannot serve HTTP on {http_addr} (see --http-addr)"))?;
     let http = listener.local_addr()?;
-    let mut gateway_config = GatewayConfig::new(mqtt.ip().to_string(), mqtt.port());
-    gateway_config.http_addr = http;
-    gateway_config.robots = args.robots.clone();
-    gateway_config.topics = topics.clone();
+    let gateway_config = GatewayConfig::from_args(
+        &args.gateway,
+        topics.clone(),
+        mqtt.ip().to_string(),
+        mqtt.port(),
+    );
     let gateway_state = fleet_gateway::connect(&gateway_config);
     let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
     let gateway = tokio::spawn(fleet_gateway::serve(listener, gateway_state, async {
         let _ = gateway_stopped.await;
     }));
 
-    let nodes: Vec<_> = args
-        .robots
+    let robots = &args.gateway.robots;
+    let nodes: Vec<_> = robots
         .iter()
         .map(|id| {
             let address = BrokerAddress {
@@ -83,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
 
-    let names: Vec<String> = args.robots.iter().map(ToString::to_string).collect();
+    let names: Vec<String> = robots.iter().map(ToString::to_string).collect();
     let first = names.first().map(String::as_str).unwrap_or("linus");
     println!();
     println!(

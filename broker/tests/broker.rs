@@ -3,66 +3,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleet_broker::{BrokerConfig, RunningBroker};
+use std::sync::atomic::Ordering;
+
+use fleet_testkit::{WAIT, Watcher, start_broker};
+use rumqttc::v5;
+use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, v5};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(5);
-
-async fn start_broker() -> RunningBroker {
-    fleet_broker::start(BrokerConfig {
-        mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..BrokerConfig::default()
-    })
-    .await
-    .expect("broker starts")
-}
-
-/// An MQTT 3.1.1 client subscribed to `filter`; incoming publishes arrive on the channel,
-/// and connection errors too (as `Err`), so a test sees a dropped subscriber.
-async fn v311_subscriber(
-    addr: SocketAddr,
-    id: &str,
-    filter: &str,
-) -> (
-    AsyncClient,
-    mpsc::UnboundedReceiver<Result<(String, Vec<u8>, bool), String>>,
-) {
-    let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(options, 100);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (subscribed_tx, mut subscribed_rx) = mpsc::unbounded_channel();
-    let sub_client = client.clone();
-    let filter = filter.to_owned();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = sub_client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = subscribed_tx.send(());
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let topic = p.topic.clone();
-                    let _ = tx.send(Ok((topic, p.payload.to_vec(), p.retain)));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    });
-    timeout(WAIT, subscribed_rx.recv())
-        .await
-        .expect("subscribed in time");
-    (client, rx)
-}
 
 /// An MQTT 5 publisher whose publishes are acknowledged in order; returns the PUBACK
 /// reason codes.
@@ -108,65 +56,74 @@ fn with_traceparent() -> PublishProperties {
 #[tokio::test]
 async fn v311_subscriber_survives_v5_publishes_with_properties() {
     let broker = start_broker().await;
-    let (_sub, mut received) = v311_subscriber(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
     let (publisher, _acks) = v5_publisher(broker.mqtt_addr(), "gateway").await;
 
     for i in 0..20 {
+        let payload = format!("{{\"direction\":\"forward\",\"id\":\"c{i}\"}}");
         publisher
             .publish_with_properties(
                 "fleet/linus/cmd/drive",
-                v5::mqttbytes::QoS::AtLeastOnce,
+                QoS::AtLeastOnce,
                 false,
-                format!("{{\"direction\":\"forward\",\"id\":\"c{i}\"}}"),
+                payload,
                 with_traceparent(),
             )
             .await
             .unwrap();
     }
-    for i in 0..20 {
-        let (topic, payload, _) = timeout(WAIT, received.recv())
-            .await
-            .expect("message in time")
-            .expect("channel open")
-            .expect("3.1.1 connection stays up");
-        assert_eq!(topic, "fleet/linus/cmd/drive");
-        assert!(String::from_utf8_lossy(&payload).contains(&format!("\"c{i}\"")));
-    }
+    watcher
+        .wait_for("the 20th command", |m| m.json()["id"] == "c19")
+        .await;
+    let ids: Vec<_> = watcher
+        .messages()
+        .iter()
+        .map(|m| m.json()["id"].clone())
+        .collect();
+    assert_eq!(ids.len(), 20, "every command delivered once, in order");
+    assert!(
+        ids.iter()
+            .enumerate()
+            .all(|(i, id)| *id == format!("c{i}").as_str())
+    );
+    assert!(
+        watcher.errors().is_empty(),
+        "3.1.1 connection stayed up: {:?}",
+        watcher.errors()
+    );
+
     // And a brand-new 3.1.1 connection still works afterwards.
-    let (_late, mut late_rx) = v311_subscriber(broker.mqtt_addr(), "late", "fleet/#").await;
+    let late = Watcher::v311(broker.mqtt_addr(), "late", "fleet/#").await;
     publisher
         .publish_with_properties(
             "fleet/linus/cmd/stop",
-            v5::mqttbytes::QoS::AtLeastOnce,
+            QoS::AtLeastOnce,
             false,
             "",
             with_traceparent(),
         )
         .await
         .unwrap();
-    let got = timeout(WAIT, late_rx.recv())
-        .await
-        .expect("in time")
-        .expect("open");
-    assert_eq!(got.expect("connected").0, "fleet/linus/cmd/stop");
+    late.wait_for("the stop", |m| m.topic == "fleet/linus/cmd/stop")
+        .await;
 }
 
 #[tokio::test]
 async fn retained_commands_and_wildcard_topics_are_refused() {
     let broker = start_broker().await;
     let (publisher, mut acks) = v5_publisher(broker.mqtt_addr(), "p").await;
-    let qos1 = v5::mqttbytes::QoS::AtLeastOnce;
 
     publisher
-        .publish("fleet/linus/cmd/drive", qos1, true, "forward")
+        .publish("fleet/linus/cmd/drive", QoS::AtLeastOnce, true, "forward")
         .await
         .unwrap();
+    let ack = timeout(WAIT, acks.recv()).await.unwrap();
     assert_eq!(
-        timeout(WAIT, acks.recv()).await.unwrap(),
+        ack,
         Some(PubAckReason::NotAuthorized),
         "retained command refused"
     );
-    // rumqttc will not send a wildcard topic name, so this one goes over a raw socket.
+    // rumqttc will not send a wildcard topic name, so these go over a raw socket.
     assert_eq!(
         raw_v5_publish_qos1(broker.mqtt_addr(), "fleet/+/state").await,
         0x87
@@ -176,7 +133,7 @@ async fn retained_commands_and_wildcard_topics_are_refused() {
         0x87
     );
     publisher
-        .publish("fleet/linus/state", qos1, true, "{}")
+        .publish("fleet/linus/state", QoS::AtLeastOnce, true, "{}")
         .await
         .unwrap();
     let ok = timeout(WAIT, acks.recv()).await.unwrap();
@@ -188,30 +145,19 @@ async fn retained_commands_and_wildcard_topics_are_refused() {
         "retained state accepted, got {ok:?}"
     );
     assert_eq!(
-        broker
-            .counters()
-            .publishes_refused
-            .load(std::sync::atomic::Ordering::Relaxed),
+        broker.counters().publishes_refused.load(Ordering::Relaxed),
         3
     );
 
     // The retained state reaches a later subscriber; the refused command does not.
-    let (_sub, mut received) = v311_subscriber(broker.mqtt_addr(), "later", "fleet/#").await;
-    let (topic, payload, retain) = timeout(WAIT, received.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (topic.as_str(), payload.as_slice(), retain),
-        ("fleet/linus/state", &b"{}"[..], true)
-    );
-    assert!(
-        timeout(Duration::from_millis(300), received.recv())
-            .await
-            .is_err(),
-        "nothing else retained"
-    );
+    let later = Watcher::v311(broker.mqtt_addr(), "later", "fleet/#").await;
+    let state = later
+        .wait_for("retained state", |m| m.topic == "fleet/linus/state")
+        .await;
+    assert!(state.retain);
+    assert_eq!(state.payload, b"{}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(later.messages().len(), 1, "nothing else retained");
 }
 
 /// Sends CONNECT (MQTT 5) and a QoS 1 PUBLISH by hand; returns the PUBACK reason code.

@@ -17,6 +17,22 @@ pub use api::app;
 pub use fleet::{Fleet, RobotView};
 pub use metrics::Metrics;
 
+/// The gateway's own command-line flags, shared by `fleet-gateway` and the all-in-one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Where to serve the web UI and HTTP API
+    #[arg(long, env = "FLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Robots known before they first report (comma-separated); others are discovered
+    #[arg(
+        long,
+        env = "FLEET_ROBOTS",
+        value_delimiter = ',',
+        default_value = "linus,torvalds"
+    )]
+    pub robots: Vec<RobotId>,
+}
+
 /// Everything the gateway needs to start.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -32,6 +48,20 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    pub fn from_args(
+        args: &GatewayArgs,
+        topics: Topics,
+        broker_host: impl Into<String>,
+        broker_port: u16,
+    ) -> Self {
+        Self {
+            http_addr: args.http_addr,
+            robots: args.robots.clone(),
+            topics,
+            ..Self::new(broker_host, broker_port)
+        }
+    }
+
     pub fn new(broker_host: impl Into<String>, broker_port: u16) -> Self {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),

@@ -54,26 +54,37 @@ async fn wait_until_connected(state: &AppState) {
     }
 }
 
-async fn wait_until_online(http: &reqwest::Client, base: &str, robot: &str) {
+/// Polls `GET /api/robots/{robot}` until `accept` holds; returns that view.
+async fn wait_for_view(
+    http: &reqwest::Client,
+    base: &str,
+    robot: &str,
+    accept: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let view: Value = http
+        let response = http
             .get(format!("{base}/api/robots/{robot}"))
             .send()
             .await
-            .unwrap()
-            .json()
-            .await
             .unwrap();
-        if view["online"] == true && view["state"].is_object() {
-            return;
+        let view: Value = response.json().await.unwrap();
+        if accept(&view) {
+            return view;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{robot} online: {view}"
+            "{robot}: gave up waiting, last view {view}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn wait_until_online(http: &reqwest::Client, base: &str, robot: &str) {
+    wait_for_view(http, base, robot, |v| {
+        v["online"] == true && v["state"].is_object()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -138,26 +149,11 @@ async fn an_http_command_moves_the_robot_with_trace_context_on_the_bus() {
         .await;
 
     // The result came back to the gateway and is in its view.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let view: Value = http
-            .get(format!("{base}/api/robots/linus"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if view["last_result"]["id"] == id.as_str() {
-            assert_eq!(view["last_result"]["status"], "ok");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "result reaches the gateway: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let view = wait_for_view(&http, &base, "linus", |v| {
+        v["last_result"]["id"] == id.as_str()
+    })
+    .await;
+    assert_eq!(view["last_result"]["status"], "ok");
 
     // The fleet-wide stop reaches both robots.
     let response = http

@@ -4,7 +4,22 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::str::FromStr;
 
+use fleet_protocol::{TopicPrefix, Topics};
 use tracing_subscriber::EnvFilter;
+
+/// The flag every fleet binary has: where in the topic tree the fleet lives.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicArgs {
+    /// First topic level of every fleet topic
+    #[arg(long, env = "FLEET_TOPIC_PREFIX", default_value = "fleet")]
+    pub topic_prefix: TopicPrefix,
+}
+
+impl TopicArgs {
+    pub fn topics(&self) -> Topics {
+        Topics::new(self.topic_prefix.clone())
+    }
+}
 
 /// Logs to stderr; the level comes from `RUST_LOG` (default `info`, with rmqtt's own
 /// per-connection chatter at `warn`).

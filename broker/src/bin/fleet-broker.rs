@@ -5,7 +5,7 @@ use std::num::NonZeroU16;
 
 use clap::Parser;
 use fleet_broker::BrokerConfig;
-use fleet_protocol::{TopicPrefix, Topics};
+use fleet_runtime::TopicArgs;
 
 /// The fleet's MQTT broker: MQTT 3.1.1 and 5 on one port, optional websockets.
 #[derive(Debug, Parser)]
@@ -17,9 +17,8 @@ struct Args {
     /// Where to accept MQTT over websockets (path /mqtt); off unless set
     #[arg(long, env = "FLEET_WS_ADDR")]
     ws_addr: Option<SocketAddr>,
-    /// First topic level of every fleet topic
-    #[arg(long, env = "FLEET_TOPIC_PREFIX", default_value = "fleet")]
-    topic_prefix: TopicPrefix,
+    #[command(flatten)]
+    topics: TopicArgs,
     /// Unacknowledged QoS 1/2 messages allowed per client
     #[arg(long, env = "FLEET_MAX_INFLIGHT", default_value = "1024")]
     max_inflight: NonZeroU16,
@@ -38,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
         ws_addr: args.ws_addr,
-        topics: Topics::new(args.topic_prefix),
+        topics: args.topics.topics(),
         max_inflight: args.max_inflight,
         max_queue_len: args.max_queue_len,
         max_packet_size: args.max_packet_size,

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use fleet_protocol::{RobotId, TopicPrefix, Topics};
-use fleet_runtime::HostPort;
+use fleet_protocol::RobotId;
+use fleet_runtime::{HostPort, TopicArgs};
 use robot_node::{BrokerAddress, NodeConfig, NodeCounters, RobotConfig, SimulatedDriver};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -23,9 +23,8 @@ struct Args {
     /// MQTT broker as host:port
     #[arg(long, env = "FLEET_BROKER", default_value = "127.0.0.1:1883")]
     broker: HostPort,
-    /// First topic level of every fleet topic
-    #[arg(long, env = "FLEET_TOPIC_PREFIX", default_value = "fleet")]
-    topic_prefix: TopicPrefix,
+    #[command(flatten)]
+    topics: TopicArgs,
     /// Hardware backend
     #[arg(long, env = "FLEET_DRIVER", value_enum, default_value = "simulated")]
     driver: DriverKind,
@@ -56,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         port: args.broker.port,
     };
     let mut config = NodeConfig::new(robot, broker);
-    config.topics = Topics::new(args.topic_prefix);
+    config.topics = args.topics.topics();
     config.default_hold = Duration::from_millis(args.hold_ms);
     config.max_hold = Duration::from_millis(args.max_hold_ms);
     config.keep_alive = Duration::from_secs(args.keep_alive_s.max(1));

@@ -4,13 +4,10 @@
 use std::time::Duration;
 
 use fleet_protocol::{Direction, RobotId, Topics};
+use serde::Deserialize;
 
 /// Levels of the four H-bridge inputs, in the order of `RobotConfig::motor_inputs`.
 pub type InputPattern = [bool; 4];
-
-const fn pattern(bits: [u8; 4]) -> InputPattern {
-    [bits[0] == 1, bits[1] == 1, bits[2] == 1, bits[3] == 1]
-}
 
 /// The input pattern for each direction. Robots are wired differently, so the same
 /// direction can mean different pins (torvalds' forward is linus's left pattern).
@@ -49,52 +46,168 @@ pub struct RobotConfig {
     pub patterns: DrivePatterns,
 }
 
+/// The example configs shipped with the node, compiled in so the all-in-one binary and
+/// the simulator need no files.
+const LINUS_TOML: &str = include_str!("../config/linus.toml");
+const TORVALDS_TOML: &str = include_str!("../config/torvalds.toml");
+
 impl RobotConfig {
-    /// linus: inputs GPIO13, 21, 17, 27; enables GPIO12, 26; eye GPIO16; servos GPIO22, 23.
+    /// linus, from `config/linus.toml`.
     pub fn linus() -> Self {
-        Self {
-            id: RobotId::new("linus").unwrap_or_else(|_| unreachable!("valid literal")),
-            motor_inputs: [13, 21, 17, 27],
-            motor_enables: Some([12, 26]),
-            eye: 16,
-            servos: vec![22, 23],
-            patterns: DrivePatterns {
-                forward: pattern([1, 0, 1, 0]),
-                backward: pattern([0, 1, 0, 1]),
-                left: pattern([0, 1, 1, 0]),
-                right: pattern([1, 0, 0, 1]),
-            },
-        }
+        builtin(LINUS_TOML)
     }
 
-    /// torvalds: inputs GPIO7, 8, 9, 10; eye GPIO25; no enables, no servos. Its original
-    /// page called the directions north 0110, south 1001, west 1010, east 0101.
+    /// torvalds, from `config/torvalds.toml`.
     pub fn torvalds() -> Self {
-        Self {
-            id: RobotId::new("torvalds").unwrap_or_else(|_| unreachable!("valid literal")),
-            motor_inputs: [7, 8, 9, 10],
-            motor_enables: None,
-            eye: 25,
-            servos: Vec::new(),
-            patterns: DrivePatterns {
-                forward: pattern([0, 1, 1, 0]),
-                backward: pattern([1, 0, 0, 1]),
-                left: pattern([1, 0, 1, 0]),
-                right: pattern([0, 1, 0, 1]),
-            },
-        }
+        builtin(TORVALDS_TOML)
     }
 
-    /// The preset of that name, or linus's layout under another name (for simulated
-    /// robots that only need to exist).
+    /// The built-in config of that name, or linus's layout under another name (for
+    /// simulated robots that only need to exist).
     pub fn preset_or_default(id: RobotId) -> Self {
         match id.as_str() {
             "torvalds" => Self::torvalds(),
-            _ => Self {
-                id,
-                ..Self::linus()
-            },
+            _ => Self { id, ..Self::linus() },
         }
+    }
+
+    /// Every pin the robot uses (for claiming them from the GPIO driver).
+    pub fn pins(&self) -> Vec<u8> {
+        let mut pins = self.motor_inputs.to_vec();
+        pins.extend(self.motor_enables.into_iter().flatten());
+        pins.push(self.eye);
+        pins.extend(&self.servos);
+        pins
+    }
+}
+
+fn builtin(toml: &str) -> RobotConfig {
+    match ConfigFile::parse(toml) {
+        Ok(file) => file.robot,
+        // The files are compiled in and parsed by the tests, so this cannot happen.
+        Err(e) => unreachable!("built-in robot config is invalid: {e}"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Syntax(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// A node config file: the robot's hardware, and optional node settings.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub robot: RobotConfig,
+    pub node: NodeSettings,
+}
+
+/// Node settings a config file may give; flags and environment variables win.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    pub broker: Option<String>,
+    pub driver: Option<String>,
+    pub topic_prefix: Option<String>,
+    pub client_id: Option<String>,
+    pub hold_ms: Option<u64>,
+    pub max_hold_ms: Option<u64>,
+    pub blink_ms: Option<u64>,
+    pub keep_alive_s: Option<u64>,
+    pub heartbeat_s: Option<u64>,
+    pub metrics_addr: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    robot: RawRobot,
+    #[serde(default)]
+    node: NodeSettings,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRobot {
+    id: String,
+    motor_inputs: [u8; 4],
+    motor_enables: Option<[u8; 2]>,
+    eye: u8,
+    #[serde(default)]
+    servos: Vec<u8>,
+    patterns: RawPatterns,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPatterns {
+    forward: String,
+    backward: String,
+    left: String,
+    right: String,
+}
+
+/// Highest BCM GPIO number on a Raspberry Pi header.
+const MAX_GPIO: u8 = 27;
+
+impl ConfigFile {
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let id = RobotId::new(raw.robot.id).map_err(|e| invalid(e.to_string()))?;
+        let pattern = |name: &str, text: &str| -> Result<InputPattern, ConfigError> {
+            let bits: Vec<bool> = text.chars().filter_map(|c| match c {
+                '0' => Some(false),
+                '1' => Some(true),
+                _ => None,
+            }).collect();
+            match <[bool; 4]>::try_from(bits) {
+                Ok(bits) if text.len() == 4 => Ok(bits),
+                _ => Err(invalid(format!("pattern {name} = {text:?} must be four of 0 and 1, e.g. \"1010\""))),
+            }
+        };
+        let patterns = DrivePatterns {
+            forward: pattern("forward", &raw.robot.patterns.forward)?,
+            backward: pattern("backward", &raw.robot.patterns.backward)?,
+            left: pattern("left", &raw.robot.patterns.left)?,
+            right: pattern("right", &raw.robot.patterns.right)?,
+        };
+        let robot = RobotConfig {
+            id,
+            motor_inputs: raw.robot.motor_inputs,
+            motor_enables: raw.robot.motor_enables,
+            eye: raw.robot.eye,
+            servos: raw.robot.servos,
+            patterns,
+        };
+        if robot.servos.len() > fleet_protocol::command::SERVOS {
+            return Err(invalid(format!("at most {} servos", fleet_protocol::command::SERVOS)));
+        }
+        let mut pins = robot.pins();
+        if let Some(pin) = pins.iter().find(|p| **p > MAX_GPIO) {
+            return Err(invalid(format!("GPIO{pin} does not exist (0..={MAX_GPIO})")));
+        }
+        pins.sort_unstable();
+        if let Some(pair) = pins.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!("GPIO{} is used twice", pair[0])));
+        }
+        Ok(Self { robot, node: raw.node })
     }
 }
 
@@ -135,5 +248,45 @@ impl NodeConfig {
             blink: Duration::from_millis(500),
             keep_alive: Duration::from_secs(5),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_configs_are_the_original_robots() {
+        let linus = RobotConfig::linus();
+        assert_eq!(linus.id.as_str(), "linus");
+        assert_eq!(linus.motor_inputs, [13, 21, 17, 27]);
+        assert_eq!(linus.motor_enables, Some([12, 26]));
+        assert_eq!((linus.eye, linus.servos.as_slice()), (16, &[22, 23][..]));
+        assert_eq!(linus.patterns.forward, [true, false, true, false]);
+        let torvalds = RobotConfig::torvalds();
+        assert_eq!(torvalds.motor_inputs, [7, 8, 9, 10]);
+        assert_eq!((torvalds.motor_enables, torvalds.eye), (None, 25));
+        assert!(torvalds.servos.is_empty());
+        assert_eq!(torvalds.patterns.forward, [false, true, true, false]);
+    }
+
+    #[test]
+    fn bad_files_get_clear_errors() {
+        let base = |patch: &str| format!(
+            "[robot]\nid = \"r\"\nmotor_inputs = [1, 2, 3, 4]\neye = 5\n{patch}\n[robot.patterns]\nforward = \"1010\"\nbackward = \"0101\"\nleft = \"0110\"\nright = \"1001\"\n"
+        );
+        assert!(ConfigFile::parse(&base("")).is_ok());
+        for (patch, needle) in [
+            ("servos = [5]", "used twice"),
+            ("servos = [40]", "does not exist"),
+            ("servos = [20, 21, 22]", "at most 2"),
+            ("colour = \"red\"", "unknown field"),
+        ] {
+            let err = ConfigFile::parse(&base(patch)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{patch}: {err}");
+        }
+        let bad_pattern = base("").replace("\"1010\"", "\"10x0\"");
+        assert!(ConfigFile::parse(&bad_pattern).unwrap_err().to_string().contains("four of 0 and 1"));
+        assert!(ConfigFile::parse("not toml [").is_err());
     }
 }

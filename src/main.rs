@@ -9,7 +9,7 @@ use clap::Parser;
 use fleet_broker::BrokerConfig;
 use fleet_gateway::{GatewayArgs, GatewayConfig};
 use fleet_runtime::TopicArgs;
-use robot_node::{BrokerAddress, NodeConfig, RobotConfig, SimulatedDriver};
+use robot_node::{BrokerAddress, NodeConfig, NodeMetrics, RobotConfig, SimulatedDriver};
 
 /// Runs the MQTT broker, the gateway and simulated robots in one process.
 #[derive(Debug, Parser)]
@@ -65,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
     }));
 
     let robots = &args.gateway.robots;
+    let node_metrics = std::sync::Arc::new(NodeMetrics::default());
     let nodes: Vec<_> = robots
         .iter()
         .map(|id| {
@@ -74,7 +75,11 @@ async fn main() -> anyhow::Result<()> {
             };
             let mut config = NodeConfig::new(RobotConfig::preset_or_default(id.clone()), address);
             config.topics = topics.clone();
-            robot_node::spawn(config, Box::new(SimulatedDriver::new(id.to_string())))
+            robot_node::spawn(
+                config,
+                Box::new(SimulatedDriver::new(id.to_string())),
+                node_metrics.clone(),
+            )
         })
         .collect();
 

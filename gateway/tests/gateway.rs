@@ -28,7 +28,7 @@ fn spawn_robot(broker: SocketAddr, robot: RobotConfig) -> NodeHandle {
         port: broker.port(),
     };
     let driver = Box::new(SimulatedDriver::new(robot.id.to_string()));
-    robot_node::spawn(NodeConfig::new(robot, address), driver)
+    robot_node::spawn(NodeConfig::new(robot, address), driver, Default::default())
 }
 
 /// Serves the gateway on a free port; returns its base URL.

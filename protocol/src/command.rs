@@ -187,6 +187,9 @@ pub struct CommandEnvelope {
     pub id: Option<String>,
     pub traceparent: Option<TraceParent>,
     pub tracestate: Option<String>,
+    /// Do not carry the command out after this time (milliseconds since the Unix epoch):
+    /// a command that waited in a queue too long is refused, not executed late.
+    pub deadline_ms: Option<u64>,
     pub command: Command,
 }
 
@@ -196,6 +199,7 @@ impl CommandEnvelope {
             id: None,
             traceparent: None,
             tracestate: None,
+            deadline_ms: None,
             command,
         }
     }
@@ -259,6 +263,7 @@ impl CommandEnvelope {
             self.traceparent.map(|t| t.to_string()),
         );
         insert_opt(&mut doc, "tracestate", self.tracestate.clone());
+        insert_opt(&mut doc, "deadline_ms", self.deadline_ms);
         doc
     }
 }
@@ -482,7 +487,7 @@ fn check_angle(field: &'static str, value: i64) -> Result<i16, CommandError> {
 // ---------------------------------------------------------------------------------------
 // JSON
 
-const ENVELOPE_FIELDS: [&str; 3] = ["id", "traceparent", "tracestate"];
+const ENVELOPE_FIELDS: [&str; 4] = ["id", "traceparent", "tracestate", "deadline_ms"];
 
 fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandError> {
     let value: Value =
@@ -493,21 +498,21 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
     let (own_fields, expected): (&[&str], &'static str) = match kind {
         CommandKind::Drive => (
             &["direction", "speed", "hold_ms"],
-            "direction, speed, hold_ms, id, traceparent, tracestate",
+            "direction, speed, hold_ms, id, traceparent, tracestate, deadline_ms",
         ),
         CommandKind::Speed => (
             &["motor1", "motor2", "preset"],
-            "motor1, motor2, preset, id, traceparent, tracestate",
+            "motor1, motor2, preset, id, traceparent, tracestate, deadline_ms",
         ),
         CommandKind::Eyes => (
             &["state", "duration_ms"],
-            "state, duration_ms, id, traceparent, tracestate",
+            "state, duration_ms, id, traceparent, tracestate, deadline_ms",
         ),
         CommandKind::Servo => (
             &["servo1", "servo2", "preset"],
-            "servo1, servo2, preset, id, traceparent, tracestate",
+            "servo1, servo2, preset, id, traceparent, tracestate, deadline_ms",
         ),
-        CommandKind::Stop => (&[], "id, traceparent, tracestate"),
+        CommandKind::Stop => (&[], "id, traceparent, tracestate, deadline_ms"),
     };
     if let Some(field) = doc
         .keys()
@@ -637,6 +642,16 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
                         got: t.chars().take(40).collect(),
                     })
                 }
+            })
+            .transpose()?,
+        deadline_ms: optional_int(&doc, "deadline_ms")?
+            .map(|v| {
+                u64::try_from(v).map_err(|_| CommandError::OutOfRange {
+                    field: "deadline_ms",
+                    value: v,
+                    min: 0,
+                    max: i64::MAX,
+                })
             })
             .transpose()?,
         command,

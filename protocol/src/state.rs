@@ -84,6 +84,9 @@ pub struct RobotState {
     pub servos: Vec<i16>,
     pub last_command: Option<LastCommand>,
     pub uptime_s: u64,
+    /// When the node published this (milliseconds since the Unix epoch). The node
+    /// republishes its state every heartbeat interval, so a stale value means a silent node.
+    pub last_seen_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +178,7 @@ mod tests {
                 status: CommandOutcome::Ok,
             }),
             uptime_s: 5,
+            last_seen_ms: 1_700_000_000_000,
         };
         let doc = serde_json::to_value(&state).unwrap();
         assert_eq!(doc["motion"], "forward");

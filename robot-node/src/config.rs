@@ -67,7 +67,10 @@ impl RobotConfig {
     pub fn preset_or_default(id: RobotId) -> Self {
         match id.as_str() {
             "torvalds" => Self::torvalds(),
-            _ => Self { id, ..Self::linus() },
+            _ => Self {
+                id,
+                ..Self::linus()
+            },
         }
     }
 
@@ -172,14 +175,19 @@ impl ConfigFile {
         let invalid = |m: String| ConfigError::Invalid(m);
         let id = RobotId::new(raw.robot.id).map_err(|e| invalid(e.to_string()))?;
         let pattern = |name: &str, text: &str| -> Result<InputPattern, ConfigError> {
-            let bits: Vec<bool> = text.chars().filter_map(|c| match c {
-                '0' => Some(false),
-                '1' => Some(true),
-                _ => None,
-            }).collect();
+            let bits: Vec<bool> = text
+                .chars()
+                .filter_map(|c| match c {
+                    '0' => Some(false),
+                    '1' => Some(true),
+                    _ => None,
+                })
+                .collect();
             match <[bool; 4]>::try_from(bits) {
                 Ok(bits) if text.len() == 4 => Ok(bits),
-                _ => Err(invalid(format!("pattern {name} = {text:?} must be four of 0 and 1, e.g. \"1010\""))),
+                _ => Err(invalid(format!(
+                    "pattern {name} = {text:?} must be four of 0 and 1, e.g. \"1010\""
+                ))),
             }
         };
         let patterns = DrivePatterns {
@@ -197,17 +205,25 @@ impl ConfigFile {
             patterns,
         };
         if robot.servos.len() > fleet_protocol::command::SERVOS {
-            return Err(invalid(format!("at most {} servos", fleet_protocol::command::SERVOS)));
+            return Err(invalid(format!(
+                "at most {} servos",
+                fleet_protocol::command::SERVOS
+            )));
         }
         let mut pins = robot.pins();
         if let Some(pin) = pins.iter().find(|p| **p > MAX_GPIO) {
-            return Err(invalid(format!("GPIO{pin} does not exist (0..={MAX_GPIO})")));
+            return Err(invalid(format!(
+                "GPIO{pin} does not exist (0..={MAX_GPIO})"
+            )));
         }
         pins.sort_unstable();
         if let Some(pair) = pins.windows(2).find(|w| w[0] == w[1]) {
             return Err(invalid(format!("GPIO{} is used twice", pair[0])));
         }
-        Ok(Self { robot, node: raw.node })
+        Ok(Self {
+            robot,
+            node: raw.node,
+        })
     }
 }
 
@@ -234,6 +250,11 @@ pub struct NodeConfig {
     pub blink: Duration,
     /// MQTT keep-alive: how fast the broker notices the node is gone.
     pub keep_alive: Duration,
+    /// How long the broker keeps the node's session (subscriptions and queued QoS 1
+    /// commands) while it is away.
+    pub session_expiry: Duration,
+    /// How often the node republishes its state (with `last_seen_ms`) while idle.
+    pub heartbeat: Duration,
 }
 
 impl NodeConfig {
@@ -247,6 +268,8 @@ impl NodeConfig {
             max_hold: Duration::from_millis(5000),
             blink: Duration::from_millis(500),
             keep_alive: Duration::from_secs(5),
+            session_expiry: Duration::from_secs(300),
+            heartbeat: Duration::from_secs(30),
         }
     }
 }
@@ -272,9 +295,11 @@ mod tests {
 
     #[test]
     fn bad_files_get_clear_errors() {
-        let base = |patch: &str| format!(
-            "[robot]\nid = \"r\"\nmotor_inputs = [1, 2, 3, 4]\neye = 5\n{patch}\n[robot.patterns]\nforward = \"1010\"\nbackward = \"0101\"\nleft = \"0110\"\nright = \"1001\"\n"
-        );
+        let base = |patch: &str| {
+            format!(
+                "[robot]\nid = \"r\"\nmotor_inputs = [1, 2, 3, 4]\neye = 5\n{patch}\n[robot.patterns]\nforward = \"1010\"\nbackward = \"0101\"\nleft = \"0110\"\nright = \"1001\"\n"
+            )
+        };
         assert!(ConfigFile::parse(&base("")).is_ok());
         for (patch, needle) in [
             ("servos = [5]", "used twice"),
@@ -286,7 +311,12 @@ mod tests {
             assert!(err.contains(needle), "{patch}: {err}");
         }
         let bad_pattern = base("").replace("\"1010\"", "\"10x0\"");
-        assert!(ConfigFile::parse(&bad_pattern).unwrap_err().to_string().contains("four of 0 and 1"));
+        assert!(
+            ConfigFile::parse(&bad_pattern)
+                .unwrap_err()
+                .to_string()
+                .contains("four of 0 and 1")
+        );
         assert!(ConfigFile::parse("not toml [").is_err());
     }
 }

@@ -3,9 +3,12 @@
 
 pub mod config;
 pub mod driver;
+pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod robot;
 
-pub use config::{BrokerAddress, NodeConfig, RobotConfig};
-pub use driver::{Driver, SimulatedDriver};
-pub use node::{NodeCounters, NodeError, NodeHandle, run, spawn};
+pub use config::{BrokerAddress, ConfigFile, NodeConfig, RobotConfig};
+pub use driver::{Driver, RecordingDriver, SimulatedDriver};
+pub use metrics::NodeMetrics;
+pub use node::{NodeError, NodeHandle, run, spawn};

@@ -4,23 +4,24 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fleet_protocol::{
     Availability, COMMAND_ID_PROPERTY, Command, CommandEnvelope, CommandKind, CommandOutcome,
-    CommandResult, LastCommand, TopicError, TraceParent, command::validate_id,
+    CommandResult, CommandTarget, EyesCommand, LastCommand, TopicError, Topics, TraceParent,
+    command::validate_id,
 };
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until};
 
 use crate::config::NodeConfig;
 use crate::driver::{Driver, DriverError};
+use crate::metrics::NodeMetrics;
 use crate::robot::{CommandFailure, Robot};
 
 /// Largest packet the node accepts. Bigger than any valid command, so that an oversized
@@ -28,6 +29,8 @@ use crate::robot::{CommandFailure, Robot};
 const MAX_INCOMING_PACKET: u32 = 2 * 1024 * 1024;
 /// Requests queued towards the MQTT event loop.
 const OUTGOING_CAPACITY: usize = 1024;
+/// A connection that lasted this long resets the reconnect backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -35,22 +38,16 @@ pub enum NodeError {
     Hardware(#[from] DriverError),
 }
 
-/// What a node has done, for tests and (issue 3) its Prometheus endpoint.
-#[derive(Debug, Default)]
-pub struct NodeCounters {
-    pub commands_ok: AtomicU64,
-    pub commands_failed: AtomicU64,
-    pub dead_man_stops: AtomicU64,
-    pub link_loss_stops: AtomicU64,
-    pub connects: AtomicU64,
-    /// Publishes the node could not queue (the outgoing queue was full).
-    pub publishes_dropped: AtomicU64,
-}
-
 enum LinkEvent {
     Connected,
     Disconnected(String),
-    Message(Publish),
+    Message(Box<Received>),
+}
+
+/// A message and when the link task took it off the wire (orders it against stops).
+struct Received {
+    at: Instant,
+    publish: Publish,
 }
 
 /// Runs the robot until `shutdown` completes, then drives every output to its safe state
@@ -58,24 +55,33 @@ enum LinkEvent {
 pub async fn run(
     config: NodeConfig,
     driver: Box<dyn Driver>,
-    counters: Arc<NodeCounters>,
+    metrics: Arc<NodeMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let robot = Robot::new(config.robot.clone(), driver)?;
     let (client, eventloop) = AsyncClient::new(mqtt_options(&config), OUTGOING_CAPACITY);
     let (events_tx, events) = mpsc::channel(256);
-    let link = tokio::spawn(drive_link(eventloop, events_tx, counters.clone()));
+    // Stops skip the queue: a backlog of drive commands must not delay an e-stop.
+    let (stops_tx, stops) = mpsc::channel(64);
+    let link = tokio::spawn(drive_link(
+        eventloop,
+        config.topics.clone(),
+        events_tx,
+        stops_tx,
+    ));
     let mut node = Node {
         id_nonce: rand::random::<u32>(),
         next_id: 0,
         config,
         robot,
         client,
-        counters,
+        metrics,
+        connected: false,
         motors_deadline: None,
         eye_deadline: None,
+        last_stop_received: None,
     };
-    node.serve(events, shutdown).await;
+    node.serve(events, stops, shutdown).await;
     node.leave().await;
     // The link task ends once the DISCONNECT is written; don't wait forever for a dead link.
     let _ = tokio::time::timeout(Duration::from_secs(1), link).await;
@@ -90,7 +96,12 @@ fn mqtt_options(config: &NodeConfig) -> MqttOptions {
         config.broker.port,
     );
     options.set_keep_alive(config.keep_alive);
-    options.set_clean_start(true);
+    // A persistent session: QoS 1 commands sent while the node was briefly away are
+    // delivered when it returns (stale ones are refused by their deadline or expiry).
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(
+        u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX),
+    ));
     options.set_max_packet_size(Some(MAX_INCOMING_PACKET));
     options.set_last_will(LastWill::new(
         topics.status(&config.robot.id),
@@ -103,34 +114,53 @@ fn mqtt_options(config: &NodeConfig) -> MqttOptions {
 }
 
 /// Polls the MQTT event loop (which also reconnects) and turns what happens into
-/// `LinkEvent`s. Retries with exponential backoff and full jitter.
+/// `LinkEvent`s; stop commands go to their own channel. Retries with exponential backoff
+/// and full jitter, reset once a connection has been stable.
 async fn drive_link(
     mut eventloop: EventLoop,
+    topics: Topics,
     events: mpsc::Sender<LinkEvent>,
-    counters: Arc<NodeCounters>,
+    stops: mpsc::Sender<Received>,
 ) {
     let mut backoff = Backoff::default();
-    let mut connected = false;
+    let mut connected_at: Option<Instant> = None;
     loop {
-        let event = match eventloop.poll().await {
+        let polled = tokio::select! {
+            polled = eventloop.poll() => polled,
+            // The node is gone (stopped or killed): drop the connection with it.
+            () = events.closed() => return,
+        };
+        let event = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
-                backoff.reset();
-                counters.connects.fetch_add(1, Ordering::Relaxed);
+                connected_at = Some(Instant::now());
                 LinkEvent::Connected
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => LinkEvent::Message(publish),
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let received = Received {
+                    at: Instant::now(),
+                    publish,
+                };
+                let topic = String::from_utf8_lossy(&received.publish.topic);
+                if matches!(topics.parse_command(&topic), Ok((_, CommandKind::Stop))) {
+                    if stops.send(received).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                LinkEvent::Message(Box::new(received))
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => continue,
             Err(error) => {
+                if connected_at
+                    .take()
+                    .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
+                {
+                    backoff.reset();
+                }
                 let delay = backoff.next_delay();
                 let message = error.to_string();
-                if connected {
-                    connected = false;
-                    tracing::warn!(error = %message, "lost the broker connection");
-                } else {
-                    tracing::debug!(error = %message, ?delay, "cannot reach the broker, retrying");
-                }
+                tracing::debug!(error = %message, ?delay, "broker connection failed, retrying");
                 if events.send(LinkEvent::Disconnected(message)).await.is_err() {
                     return;
                 }
@@ -167,36 +197,55 @@ impl Backoff {
     }
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 struct Node {
     config: NodeConfig,
     robot: Robot,
     client: AsyncClient,
-    counters: Arc<NodeCounters>,
+    metrics: Arc<NodeMetrics>,
+    connected: bool,
     id_nonce: u32,
     next_id: u64,
     motors_deadline: Option<Instant>,
     eye_deadline: Option<Instant>,
+    /// When the latest stop was received: commands received before it are stale.
+    last_stop_received: Option<Instant>,
 }
 
 impl Node {
     async fn serve(
         &mut self,
         mut events: mpsc::Receiver<LinkEvent>,
+        mut stops: mpsc::Receiver<Received>,
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + self.config.heartbeat,
+            self.config.heartbeat,
+        );
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            // `biased`: shutdown first, then stops, then timers, then everything else.
             tokio::select! {
                 biased;
                 () = &mut shutdown => return,
+                Some(stop) = stops.recv() => self.on_message(stop),
                 () = sleep_until_opt(self.motors_deadline) => self.dead_man_stop(),
                 () = sleep_until_opt(self.eye_deadline) => self.end_blink(),
                 event = events.recv() => match event {
                     Some(LinkEvent::Connected) => self.on_connected(),
                     Some(LinkEvent::Disconnected(reason)) => self.on_link_lost(&reason),
-                    Some(LinkEvent::Message(publish)) => self.on_message(publish),
+                    Some(LinkEvent::Message(received)) => self.on_message(*received),
                     None => return,
                 },
+                _ = heartbeat.tick() => if self.connected { self.publish_state() },
             }
         }
     }
@@ -208,8 +257,14 @@ impl Node {
     fn on_connected(&mut self) {
         let topics = &self.config.topics;
         let id = &self.config.robot.id;
+        if !self.connected {
+            self.connected = true;
+            self.metrics.robots_connected.inc();
+        }
+        self.metrics.connects.inc();
         tracing::info!(robot = %id, broker = %format!("{}:{}", self.config.broker.host, self.config.broker.port), "connected");
-        // A clean session starts with no subscriptions, so subscribe after every connect.
+        // rumqttc does not restore subscriptions, and the session may be new: subscribe
+        // after every connect (repeating a subscription is harmless).
         for filter in [topics.command_filter(id), topics.fleet_command_filter()] {
             if let Err(error) = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                 tracing::error!(%filter, %error, "cannot queue the subscription");
@@ -225,17 +280,20 @@ impl Node {
     }
 
     fn on_link_lost(&mut self, reason: &str) {
+        if self.connected {
+            self.connected = false;
+            self.metrics.robots_connected.dec();
+            tracing::warn!(robot = %self.robot_name(), reason, "lost the broker connection");
+        }
         if self.robot.is_moving() {
-            self.counters
-                .link_loss_stops
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(robot = %self.robot_name(), reason, "broker link lost: stopping the motors");
+            self.metrics.link_loss_stops.inc();
+            tracing::warn!(robot = %self.robot_name(), "stopping the motors: no broker link");
             self.stop_motors_now();
         }
     }
 
     fn dead_man_stop(&mut self) {
-        self.counters.dead_man_stops.fetch_add(1, Ordering::Relaxed);
+        self.metrics.dead_man_stops.inc();
         tracing::info!(robot = %self.robot_name(), "no drive refresh within the hold time: stopping the motors");
         self.stop_motors_now();
         self.publish_state();
@@ -256,7 +314,13 @@ impl Node {
         self.publish_state();
     }
 
-    fn on_message(&mut self, publish: Publish) {
+    fn on_message(
+        &mut self,
+        Received {
+            at: received,
+            publish,
+        }: Received,
+    ) {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
         let properties = publish.properties.unwrap_or_default();
         let user_properties = || {
@@ -266,11 +330,15 @@ impl Node {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
         };
 
+        let mut fleet_wide = false;
         let (command_name, parsed) = match self.config.topics.parse_command(&topic) {
-            Ok((_target, kind)) => (
-                kind.as_str().to_owned(),
-                CommandEnvelope::parse(kind, &publish.payload).map_err(CommandFailure::from),
-            ),
+            Ok((target, kind)) => {
+                fleet_wide = target == CommandTarget::All;
+                (
+                    kind.as_str().to_owned(),
+                    CommandEnvelope::parse(kind, &publish.payload).map_err(CommandFailure::from),
+                )
+            }
             Err(TopicError::UnknownCommand(name)) => {
                 let message = format!(
                     "unknown command {name:?} (expected drive, speed, eyes, servo or stop)"
@@ -310,17 +378,25 @@ impl Node {
         let span = tracing::info_span!("command", robot = %self.robot_name(), command = %command_name, %id, %trace_id);
         let _entered = span.enter();
 
-        let outcome = parsed.and_then(|envelope| self.execute(&envelope.command));
+        let outcome = parsed.and_then(|envelope| {
+            check_deadline(envelope.deadline_ms)?;
+            if envelope.command == Command::Stop {
+                self.last_stop_received = Some(received);
+            } else if self.last_stop_received.is_some_and(|stop| received < stop) {
+                // It was queued when a stop overtook it: running it now would undo the stop.
+                return Err(CommandFailure {
+                    code: "superseded",
+                    message: "a stop arrived after this command; not carried out".to_owned(),
+                });
+            }
+            self.execute(&envelope.command)
+        });
         let result = match &outcome {
             Ok(()) => {
-                self.counters.commands_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("command done");
                 CommandResult::ok(id.clone(), self.robot_name().to_owned(), &command_name)
             }
             Err(failure) => {
-                self.counters
-                    .commands_failed
-                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(code = failure.code, error = %failure.message, "command refused");
                 CommandResult::error(
                     id.clone(),
@@ -331,7 +407,8 @@ impl Node {
                 )
             }
         };
-        if let Ok(kind) = command_name.parse::<CommandKind>() {
+        let known_kind = command_name.parse::<CommandKind>().ok();
+        if let Some(kind) = known_kind {
             self.robot.record_last_command(LastCommand {
                 id,
                 command: kind,
@@ -348,6 +425,9 @@ impl Node {
             properties.correlation_data,
         );
         self.publish_state();
+        let label = known_kind.map_or("other", CommandKind::as_str);
+        self.metrics
+            .record_command(fleet_wide, label, outcome.is_ok(), received.elapsed());
     }
 
     fn generate_id(&mut self) -> String {
@@ -382,7 +462,7 @@ impl Node {
             _ => self.config.default_hold,
         };
         let blink = match command {
-            Command::Eyes(fleet_protocol::EyesCommand::Blink {
+            Command::Eyes(EyesCommand::Blink {
                 duration_ms: Some(ms),
             }) => Duration::from_millis(u64::from(*ms)),
             _ => self.config.blink,
@@ -434,7 +514,7 @@ impl Node {
     }
 
     fn publish_state(&mut self) {
-        let payload = serde_json::to_vec(&self.robot.state()).unwrap_or_default();
+        let payload = serde_json::to_vec(&self.robot.state(now_ms())).unwrap_or_default();
         self.publish(
             self.config.topics.state(&self.config.robot.id),
             true,
@@ -465,9 +545,7 @@ impl Node {
                 .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload),
         };
         if let Err(error) = queued {
-            self.counters
-                .publishes_dropped
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.publishes_dropped.inc();
             tracing::warn!(%topic, %error, "publish dropped: outgoing queue full");
         }
     }
@@ -479,6 +557,10 @@ impl Node {
         }
         self.motors_deadline = None;
         self.eye_deadline = None;
+        if self.connected {
+            self.connected = false;
+            self.metrics.robots_connected.dec();
+        }
         self.publish_state();
         self.publish(
             self.config.topics.status(&self.config.robot.id),
@@ -491,6 +573,20 @@ impl Node {
     }
 }
 
+/// Refuses a command whose deadline has passed: it waited too long to be safe to run.
+fn check_deadline(deadline_ms: Option<u64>) -> Result<(), CommandFailure> {
+    match deadline_ms {
+        Some(deadline) if now_ms() > deadline => Err(CommandFailure {
+            code: "expired",
+            message: format!(
+                "the command's deadline passed {} ms ago; not carried out",
+                now_ms() - deadline
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => sleep_until(deadline).await,
@@ -500,16 +596,11 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// A node running in the background (the all-in-one binary and tests run several).
 pub struct NodeHandle {
-    counters: Arc<NodeCounters>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), NodeError>>,
 }
 
 impl NodeHandle {
-    pub fn counters(&self) -> &Arc<NodeCounters> {
-        &self.counters
-    }
-
     /// Shuts the node down cleanly (safe state, `offline`) and waits for it.
     pub async fn stop(mut self) -> Result<(), NodeError> {
         if let Some(stop) = self.stop.take() {
@@ -521,17 +612,22 @@ impl NodeHandle {
             Err(_) => Ok(()),
         }
     }
+
+    /// Ends the node abruptly, like `kill -9`: no safe state, no `offline`, no
+    /// DISCONNECT. The broker publishes the last will.
+    pub fn kill(mut self) {
+        self.stop.take();
+        self.task.abort();
+    }
 }
 
 /// Starts a node on the current runtime.
-pub fn spawn(config: NodeConfig, driver: Box<dyn Driver>) -> NodeHandle {
-    let counters = Arc::new(NodeCounters::default());
+pub fn spawn(config: NodeConfig, driver: Box<dyn Driver>, metrics: Arc<NodeMetrics>) -> NodeHandle {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(run(config, driver, counters.clone(), async {
+    let task = tokio::spawn(run(config, driver, metrics, async {
         let _ = stopped.await;
     }));
     NodeHandle {
-        counters,
         stop: Some(stop),
         task,
     }

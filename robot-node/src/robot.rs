@@ -265,7 +265,8 @@ impl Robot {
         self.last_command = Some(last);
     }
 
-    pub fn state(&self) -> RobotState {
+    /// The state document; `now_ms` is the wall-clock time it is published at.
+    pub fn state(&self, now_ms: u64) -> RobotState {
         let forward = self.config.patterns.forward;
         let motors = (0..MOTORS)
             .map(|m| {
@@ -296,6 +297,7 @@ impl Robot {
             servos: self.servo_angles.clone(),
             last_command: self.last_command.clone(),
             uptime_s: self.started.elapsed().as_secs(),
+            last_seen_ms: now_ms,
         }
     }
 }
@@ -389,19 +391,19 @@ mod tests {
             .unwrap();
         assert!(timers.motors_until.is_some());
         assert!(robot.is_moving());
-        let state = robot.state();
+        let state = robot.state(0);
         assert_eq!(state.motors[0].direction, MotorDirection::Forward);
         assert_eq!(state.motors[1].direction, MotorDirection::Forward);
         robot.execute(&Command::Stop, HOLD, HOLD).unwrap();
         assert!(!robot.is_moving());
-        assert_eq!(robot.state().motors[0].direction, MotorDirection::Stopped);
+        assert_eq!(robot.state(0).motors[0].direction, MotorDirection::Stopped);
     }
 
     #[test]
     fn left_turns_motor_one_backward() {
         let mut robot = Robot::new(RobotConfig::torvalds(), Box::new(Pins::default())).unwrap();
         robot.execute(&drive(Direction::Left), HOLD, HOLD).unwrap();
-        let motors = robot.state().motors;
+        let motors = robot.state(0).motors;
         assert_eq!(motors[0].direction, MotorDirection::Backward);
         assert_eq!(motors[1].direction, MotorDirection::Forward);
         assert_eq!(motors[0].speed, None, "torvalds has no speed control");
@@ -431,7 +433,7 @@ mod tests {
                 HOLD,
             )
             .unwrap();
-        assert_eq!(linus.state().servos, vec![-90, 90]);
+        assert_eq!(linus.state(0).servos, vec![-90, 90]);
         assert_eq!(
             pins.0.lock().unwrap().get(&22),
             Some(&PinOutput::Pwm(Pwm {

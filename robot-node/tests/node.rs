@@ -1,39 +1,70 @@
-//! A node on the simulated backend against the real broker, driven by real MQTT clients.
+//! A node against the real broker, driven by real MQTT clients, with the recording
+//! backend standing in for the hardware so every pin change can be checked and timed.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleet_testkit::{Watcher, start_broker};
-use robot_node::{BrokerAddress, NodeConfig, NodeHandle, RobotConfig, SimulatedDriver};
+use fleet_testkit::{TcpProxy, WAIT, Watcher, start_broker};
+use robot_node::driver::Recording;
+use robot_node::{
+    BrokerAddress, NodeConfig, NodeHandle, NodeMetrics, RecordingDriver, RobotConfig,
+};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
-fn spawn_node(addr: std::net::SocketAddr, robot: RobotConfig, hold: Duration) -> NodeHandle {
+struct TestRobot {
+    node: NodeHandle,
+    recording: Recording,
+    metrics: Arc<NodeMetrics>,
+    inputs: [u8; 4],
+}
+
+fn config(addr: SocketAddr, robot: RobotConfig) -> NodeConfig {
     let broker = BrokerAddress {
         host: addr.ip().to_string(),
         port: addr.port(),
     };
-    let mut config = NodeConfig::new(robot, broker);
-    config.default_hold = hold;
-    let driver = Box::new(SimulatedDriver::new(config.robot.id.to_string()));
-    robot_node::spawn(config, driver)
+    NodeConfig::new(robot, broker)
+}
+
+fn spawn(config: NodeConfig) -> TestRobot {
+    let (driver, recording) = RecordingDriver::new();
+    let metrics = Arc::new(NodeMetrics::default());
+    let inputs = config.robot.motor_inputs;
+    let node = robot_node::spawn(config, Box::new(driver), metrics.clone());
+    TestRobot {
+        node,
+        recording,
+        metrics,
+        inputs,
+    }
+}
+
+async fn online(watcher: &Watcher, robot: &str) {
+    let topic = format!("fleet/{robot}/status");
+    watcher
+        .wait_for("online", |m| m.topic == topic && m.text() == "online")
+        .await;
+}
+
+/// The latest retained state of `robot` that `watcher` has seen.
+fn latest_state(watcher: &Watcher, robot: &str) -> serde_json::Value {
+    let topic = format!("fleet/{robot}/state");
+    watcher
+        .messages()
+        .iter()
+        .rev()
+        .find(|m| m.topic == topic)
+        .map(|m| m.json())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
 async fn plain_text_drive_from_a_v311_client_moves_the_robot() {
     let broker = start_broker().await;
     let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
-    let _node = spawn_node(
-        broker.mqtt_addr(),
-        RobotConfig::linus(),
-        Duration::from_secs(5),
-    );
-    watcher
-        .wait_for("online", |m| {
-            m.topic == "fleet/linus/status" && m.text() == "online"
-        })
-        .await;
-    watcher
-        .wait_for_json("fleet/linus/state", |s| s["motion"] == "stop")
-        .await;
+    let robot = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
+    online(&watcher, "linus").await;
 
     // As `mosquitto_pub -t fleet/linus/cmd/drive -m forward` would.
     watcher.publish("fleet/linus/cmd/drive", "forward").await;
@@ -42,45 +73,119 @@ async fn plain_text_drive_from_a_v311_client_moves_the_robot() {
         .await;
     assert_eq!(state["motors"][0]["direction"], "forward");
     assert_eq!(state["last_command"]["status"], "ok");
+    assert!(
+        state["last_seen_ms"]
+            .as_u64()
+            .is_some_and(|t| t > 1_600_000_000_000)
+    );
     let result = watcher
         .wait_for_json("fleet/linus/result", |r| r["command"] == "drive")
         .await;
     assert_eq!(result["status"], "ok");
     assert_eq!(result["id"], state["last_command"]["id"]);
+    assert_eq!(robot.recording.levels(&robot.inputs), "1010");
 }
 
 #[tokio::test]
-async fn bad_payloads_get_error_results_and_the_node_keeps_serving() {
+async fn pin_patterns_of_every_direction_of_both_robots() {
     let broker = start_broker().await;
     let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
-    let node = spawn_node(
-        broker.mqtt_addr(),
-        RobotConfig::torvalds(),
-        Duration::from_secs(5),
-    );
+    let linus = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
+    let torvalds = spawn(config(broker.mqtt_addr(), RobotConfig::torvalds()));
+    online(&watcher, "linus").await;
+    online(&watcher, "torvalds").await;
+
+    let cases = [
+        ("linus", &linus, "forward", "forward", "1010"),
+        ("linus", &linus, "backward", "backward", "0101"),
+        ("linus", &linus, "left", "left", "0110"),
+        ("linus", &linus, "right", "right", "1001"),
+        ("linus", &linus, "stop", "stop", "0000"),
+        ("torvalds", &torvalds, "north", "forward", "0110"),
+        ("torvalds", &torvalds, "south", "backward", "1001"),
+        ("torvalds", &torvalds, "west", "left", "1010"),
+        ("torvalds", &torvalds, "east", "right", "0101"),
+        ("torvalds", &torvalds, "stop", "stop", "0000"),
+    ];
+    for (name, robot, word, motion, pins) in cases {
+        watcher.clear();
+        let id = format!("{name}-{word}");
+        let payload = format!(r#"{{"direction":"{word}","id":"{id}","hold_ms":5000}}"#);
+        watcher
+            .publish(&format!("fleet/{name}/cmd/drive"), payload)
+            .await;
+        let state = watcher
+            .wait_for_json(&format!("fleet/{name}/state"), |s| {
+                s["last_command"]["id"] == id.as_str()
+            })
+            .await;
+        assert_eq!(state["motion"], motion, "{name} {word}");
+        assert_eq!(
+            robot.recording.levels(&robot.inputs),
+            pins,
+            "{name} {word}: pins {:?}",
+            robot.inputs
+        );
+    }
+    // linus's speed sets the duty cycle of its enable pins while driving.
+    watcher.publish("fleet/linus/cmd/speed", "3 7").await;
+    watcher.publish("fleet/linus/cmd/drive", "forward").await;
     watcher
-        .wait_for("online", |m| {
-            m.topic == "fleet/torvalds/status" && m.text() == "online"
+        .wait_for_json("fleet/linus/state", |s| {
+            s["motion"] == "forward" && s["motors"][1]["speed"] == 7
         })
         .await;
+    let outputs = linus.recording.outputs();
+    let duty = |pin| match outputs.get(&pin) {
+        Some(robot_node::driver::PinOutput::Pwm(p)) => p.pulse_us * 100 / p.period_us,
+        other => panic!("GPIO{pin} is not PWM: {other:?}"),
+    };
+    assert_eq!((duty(12), duty(26)), (30, 70));
+}
 
-    let cases: [(&str, &[u8], &str); 7] = [
-        ("drive", b"sideways", "bad_payload"),
-        ("drive", b"{\"direction\":", "bad_payload"),
+#[tokio::test]
+async fn bad_input_gets_error_results_and_the_node_keeps_serving() {
+    let broker = start_broker().await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let robot = spawn(config(broker.mqtt_addr(), RobotConfig::torvalds()));
+    online(&watcher, "torvalds").await;
+
+    let megabyte = vec![b'x'; 1_000_000];
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("drive", b"sideways".to_vec(), "bad_payload"),
+        ("drive", b"{\"direction\":".to_vec(), "bad_payload"),
         (
-            "servo",
-            b"{\"id\":\"srv-1\",\"servo1\":120}",
+            "drive",
+            b"{\"direction\":\"forward\",\"speed\":\"fast\"}".to_vec(),
+            "bad_payload",
+        ),
+        (
+            "drive",
+            b"{\"direction\":\"forward\",\"hold_ms\":6000}".to_vec(),
             "out_of_range",
         ),
-        ("speed", b"5", "not_supported"),
-        ("dance", b"now", "unknown_command"),
-        ("eyes", &[0xff, 0xfe, 0x00], "bad_payload"),
-        ("drive", &[b'x'; 100_000], "payload_too_large"),
+        (
+            "drive",
+            b"{\"direction\":\"forward\",\"deadline_ms\":1000}".to_vec(),
+            "expired",
+        ),
+        (
+            "servo",
+            b"{\"id\":\"srv-1\",\"servo1\":120}".to_vec(),
+            "out_of_range",
+        ),
+        ("servo", b"mid".to_vec(), "not_supported"),
+        ("speed", b"5".to_vec(), "not_supported"),
+        ("dance", b"now".to_vec(), "unknown_command"),
+        ("eyes", vec![0xff, 0xfe, 0x00], "bad_payload"),
+        ("eyes", b"[1,2]".to_vec(), "bad_payload"),
+        ("drive", megabyte, "payload_too_large"),
     ];
+    let count = cases.len() as u64;
     for (command, payload, code) in cases {
         watcher.clear();
         watcher
-            .publish(&format!("fleet/torvalds/cmd/{command}"), payload.to_vec())
+            .publish(&format!("fleet/torvalds/cmd/{command}"), payload)
             .await;
         let result = watcher
             .wait_for_json("fleet/torvalds/result", |r| r["command"] == command)
@@ -89,47 +194,43 @@ async fn bad_payloads_get_error_results_and_the_node_keeps_serving() {
         assert_eq!(result["code"], code, "{command}: {result}");
         assert!(result["error"].as_str().is_some_and(|e| !e.is_empty()));
     }
+    assert_eq!(
+        robot.recording.levels(&robot.inputs),
+        "0000",
+        "nothing moved"
+    );
 
     // Still serving: a good command works, and north is torvalds' forward.
     watcher.publish("fleet/torvalds/cmd/drive", "north").await;
     watcher
         .wait_for_json("fleet/torvalds/state", |s| s["motion"] == "forward")
         .await;
-    assert_eq!(
-        node.counters()
-            .commands_failed
-            .load(std::sync::atomic::Ordering::Relaxed),
-        7
+    assert_eq!(robot.metrics.commands_total("error"), count);
+    assert_eq!(robot.metrics.commands_total("ok"), 1);
+    let text = robot.metrics.encode();
+    assert!(
+        text.contains("fleet_node_commands_total{topic=\"+/cmd/other\",result=\"error\"} 1"),
+        "{text}"
     );
-    node.stop().await.expect("clean stop");
+    robot.node.stop().await.expect("clean stop");
 }
 
 #[tokio::test]
 async fn results_go_to_the_response_topic_with_correlation_data() {
     let broker = start_broker().await;
     let client = Watcher::v5(broker.mqtt_addr(), "requester", "replies/#").await;
-    let _node = spawn_node(
-        broker.mqtt_addr(),
-        RobotConfig::linus(),
-        Duration::from_secs(5),
-    );
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let _robot = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
+    online(&watcher, "linus").await;
     let properties = PublishProperties {
         response_topic: Some("replies/me".into()),
         correlation_data: Some("corr-7".into()),
         user_properties: vec![("command-id".into(), "cmd-7".into())],
         ..Default::default()
     };
-    // The node may not be subscribed yet: repeat until it answers.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        client
-            .publish_with_properties("fleet/linus/cmd/eyes", "on", properties.clone())
-            .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if !client.messages().is_empty() || Instant::now() > deadline {
-            break;
-        }
-    }
+    client
+        .publish_with_properties("fleet/linus/cmd/eyes", "on", properties)
+        .await;
     let reply = client
         .wait_for("a reply", |m| m.topic == "replies/me")
         .await;
@@ -139,63 +240,241 @@ async fn results_go_to_the_response_topic_with_correlation_data() {
 }
 
 #[tokio::test]
-async fn the_dead_man_stops_the_motors_and_the_e_stop_reaches_everyone() {
+async fn the_dead_man_stops_the_motors_within_500_ms_of_the_last_refresh() {
     let broker = start_broker().await;
     let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
-    let linus = spawn_node(
-        broker.mqtt_addr(),
-        RobotConfig::linus(),
-        Duration::from_millis(300),
-    );
-    let torvalds = spawn_node(
-        broker.mqtt_addr(),
-        RobotConfig::torvalds(),
-        Duration::from_secs(30),
-    );
-    for robot in ["linus", "torvalds"] {
-        let topic = format!("fleet/{robot}/status");
-        watcher
-            .wait_for("online", |m| m.topic == topic && m.text() == "online")
-            .await;
-    }
+    let mut linus_config = config(broker.mqtt_addr(), RobotConfig::linus());
+    linus_config.default_hold = Duration::from_millis(300);
+    let robot = spawn(linus_config);
+    online(&watcher, "linus").await;
 
+    // Refreshed every 150 ms for a while (as the web UI does), then not any more.
+    let mut last_refresh = Instant::now();
+    for _ in 0..6 {
+        watcher.publish("fleet/linus/cmd/drive", "forward").await;
+        last_refresh = Instant::now();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            robot.recording.levels(&robot.inputs),
+            "1010",
+            "still driving while refreshed"
+        );
+    }
+    watcher
+        .wait_for_json("fleet/linus/state", |s| {
+            s["motion"] == "stop" && s["last_command"]["command"] == "drive"
+        })
+        .await;
+    let off = robot
+        .recording
+        .all_inactive_since(&robot.inputs)
+        .expect("motors off");
+    let after_refresh = off.duration_since(last_refresh);
+    assert!(
+        after_refresh <= Duration::from_millis(500),
+        "off {after_refresh:?} after the last refresh"
+    );
+    assert!(
+        after_refresh >= Duration::from_millis(250),
+        "not before the hold ran out ({after_refresh:?})"
+    );
+    assert_eq!(robot.metrics.dead_man_stops.get(), 1);
+}
+
+#[tokio::test]
+async fn losing_the_broker_stops_the_motors_at_once_and_the_node_comes_back() {
+    let broker = start_broker().await;
+    let proxy = TcpProxy::start(broker.mqtt_addr()).await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let mut linus_config = config(proxy.addr(), RobotConfig::linus());
+    linus_config.default_hold = Duration::from_secs(5);
+    let robot = spawn(linus_config);
+    online(&watcher, "linus").await;
     watcher.publish("fleet/linus/cmd/drive", "forward").await;
     watcher
         .wait_for_json("fleet/linus/state", |s| s["motion"] == "forward")
         .await;
-    watcher.clear();
-    let started = Instant::now();
-    watcher
-        .wait_for_json("fleet/linus/state", |s| s["motion"] == "stop")
-        .await;
-    assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(
-        linus
-            .counters()
-            .dead_man_stops
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
+
+    let cut = Instant::now();
+    proxy.cut();
+    let deadline = cut + WAIT;
+    let off = loop {
+        if let Some(off) = robot.recording.all_inactive_since(&robot.inputs) {
+            break off;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "motors still on after the link was cut"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        off.duration_since(cut) <= Duration::from_millis(500),
+        "off {:?} after the cut",
+        off.duration_since(cut)
     );
+    assert_eq!(robot.metrics.link_loss_stops.get(), 1);
+    // The broker noticed the node is gone (the socket closed): the last will says offline.
+    watcher
+        .wait_for("offline", |m| {
+            m.topic == "fleet/linus/status" && m.text() == "offline"
+        })
+        .await;
+
+    watcher.clear();
+    proxy.restore();
+    online(&watcher, "linus").await;
+    watcher.publish("fleet/linus/cmd/drive", "left").await;
+    watcher
+        .wait_for_json("fleet/linus/state", |s| s["motion"] == "left")
+        .await;
+    assert!(robot.metrics.connects.get() >= 2);
+}
+
+#[tokio::test]
+async fn commands_sent_while_the_node_was_away_are_delivered_when_it_returns() {
+    let broker = start_broker().await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let first = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
+    online(&watcher, "linus").await;
+    watcher
+        .wait_for_json("fleet/linus/state", |s| s["eyes"] == "off")
+        .await;
+
+    first.node.kill();
+    watcher
+        .wait_for("the last will", |m| {
+            m.topic == "fleet/linus/status" && m.text() == "offline"
+        })
+        .await;
+    watcher
+        .publish(
+            "fleet/linus/cmd/eyes",
+            r#"{"state":"on","id":"while-away"}"#,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let second = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
+    let result = watcher
+        .wait_for_json("fleet/linus/result", |r| r["id"] == "while-away")
+        .await;
+    assert_eq!(result["status"], "ok");
+    watcher
+        .wait_for_json("fleet/linus/state", |s| s["eyes"] == "on")
+        .await;
+    assert_eq!(
+        second.recording.outputs().get(&16).map(|o| o.is_active()),
+        Some(true)
+    );
+}
+
+#[tokio::test]
+async fn a_stop_wins_over_queued_drive_commands() {
+    let broker = start_broker().await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let robot = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
+    online(&watcher, "linus").await;
+
+    let drives = 300;
+    for i in 0..drives {
+        watcher
+            .publish(
+                "fleet/linus/cmd/drive",
+                format!(r#"{{"direction":"forward","id":"d{i}"}}"#),
+            )
+            .await;
+    }
+    watcher
+        .publish("fleet/all/cmd/stop", r#"{"id":"estop"}"#)
+        .await;
+    watcher
+        .wait_for("every result", |_| {
+            watcher
+                .messages()
+                .iter()
+                .filter(|m| m.topic == "fleet/linus/result")
+                .count()
+                > drives
+        })
+        .await;
+    let results: Vec<_> = watcher
+        .messages()
+        .into_iter()
+        .filter(|m| m.topic == "fleet/linus/result")
+        .map(|m| m.json())
+        .collect();
+    let stop_at = results
+        .iter()
+        .position(|r| r["id"] == "estop")
+        .expect("the stop's result");
+    assert!(
+        results[stop_at + 1..]
+            .iter()
+            .all(|r| r["status"] == "error" && r["code"] == "superseded"),
+        "no drive that came before the stop ran after it"
+    );
+    assert_eq!(robot.recording.levels(&robot.inputs), "0000");
+    assert_eq!(latest_state(&watcher, "linus")["motion"], "stop");
+}
+
+#[tokio::test]
+async fn the_e_stop_reaches_everyone_and_shutdown_leaves_outputs_safe() {
+    let broker = start_broker().await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let linus = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
+    let torvalds = spawn(config(broker.mqtt_addr(), RobotConfig::torvalds()));
+    online(&watcher, "linus").await;
+    online(&watcher, "torvalds").await;
 
     watcher.publish("fleet/torvalds/cmd/drive", "east").await;
+    watcher.publish("fleet/linus/cmd/eyes", "on").await;
+    watcher.publish("fleet/linus/cmd/drive", "backward").await;
     watcher
         .wait_for_json("fleet/torvalds/state", |s| s["motion"] == "right")
+        .await;
+    watcher
+        .wait_for_json("fleet/linus/state", |s| s["motion"] == "backward")
         .await;
     watcher.publish("fleet/all/cmd/stop", "").await;
     watcher
         .wait_for_json("fleet/torvalds/state", |s| s["motion"] == "stop")
         .await;
     watcher
-        .wait_for_json("fleet/linus/result", |r| {
-            r["command"] == "stop" && r["status"] == "ok"
+        .wait_for_json("fleet/linus/state", |s| {
+            s["motion"] == "stop" && s["eyes"] == "off"
         })
         .await;
 
-    // A clean shutdown says offline (and a crash would, through the last will).
-    torvalds.stop().await.expect("clean stop");
+    watcher.publish("fleet/linus/cmd/servo", "45").await;
+    watcher.publish("fleet/linus/cmd/eyes", "on").await;
+    watcher
+        .wait_for_json("fleet/linus/state", |s| s["eyes"] == "on")
+        .await;
+    let recording = linus.recording.clone();
+    linus.node.stop().await.expect("clean stop");
     watcher
         .wait_for("offline", |m| {
-            m.topic == "fleet/torvalds/status" && m.text() == "offline"
+            m.topic == "fleet/linus/status" && m.text() == "offline"
         })
         .await;
+    let outputs = recording.outputs();
+    assert!(
+        outputs
+            .iter()
+            .filter(|(pin, _)| **pin != 22 && **pin != 23)
+            .all(|(_, o)| !o.is_active()),
+        "{outputs:?}"
+    );
+    assert_eq!(
+        outputs.get(&22),
+        Some(&robot_node::driver::PinOutput::Pwm(
+            robot_node::driver::Pwm {
+                period_us: 20_000,
+                pulse_us: 1_500
+            }
+        )),
+        "servos centred"
+    );
+    torvalds.node.stop().await.expect("clean stop");
 }

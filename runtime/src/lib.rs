@@ -1,4 +1,7 @@
-//! What every fleet binary shares: logging, shutdown signals and `host:port` parsing.
+//! What every fleet binary shares: logging, shutdown signals, `host:port` parsing and
+//! process metrics.
+
+pub mod process;
 
 use std::fmt;
 use std::io::IsTerminal;

@@ -243,3 +243,51 @@ impl Inbox {
         self.changed.notify_waiters();
     }
 }
+
+/// A TCP proxy between a client and the broker that a test can cut (every connection
+/// closed at once, new ones refused) and restore: a pulled cable on loopback.
+pub struct TcpProxy {
+    addr: SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> TcpProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy binds");
+        let addr = listener.local_addr().expect("proxy address");
+        let (open, watch) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    continue; // cut: drop the connection at once
+                }
+                let mut cut = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { addr, open }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes every proxied connection now and refuses new ones until `restore`.
+    pub fn cut(&self) {
+        let _ = self.open.send(false);
+    }
+
+    pub fn restore(&self) {
+        let _ = self.open.send(true);
+    }
+}

@@ -1,0 +1,128 @@
+//! The node's Prometheus metrics. One set per process (a `--simulate N` process shares
+//! it between its robots), with no robot label, so series stay few at any fleet size.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    /// The topic template the command came on: `+/cmd/<command>` or `all/cmd/<command>`.
+    topic: String,
+    result: String,
+}
+
+pub struct NodeMetrics {
+    registry: Registry,
+    commands: Family<CommandLabels, Counter>,
+    handling: Histogram,
+    pub connects: Counter,
+    pub dead_man_stops: Counter,
+    pub link_loss_stops: Counter,
+    pub publishes_dropped: Counter,
+    pub robots_connected: Gauge,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let commands = Family::<CommandLabels, Counter>::default();
+        registry.register(
+            "fleet_node_commands",
+            "Commands received, by topic template and result (ok or error)",
+            commands.clone(),
+        );
+        // 10 µs .. ~0.3 s: handling is pin writes and a publish into a queue.
+        let handling = Histogram::new(exponential_buckets(0.00001, 2.5, 12));
+        registry.register(
+            "fleet_node_command_handling_seconds",
+            "Time from receiving a command to queueing its result",
+            handling.clone(),
+        );
+        let connects = Counter::default();
+        registry.register(
+            "fleet_node_connects",
+            "Successful connections to the broker (the first one and every reconnect)",
+            connects.clone(),
+        );
+        let dead_man_stops = Counter::default();
+        registry.register(
+            "fleet_node_dead_man_stops",
+            "Motor stops because no drive refresh came within the hold time",
+            dead_man_stops.clone(),
+        );
+        let link_loss_stops = Counter::default();
+        registry.register(
+            "fleet_node_link_loss_stops",
+            "Motor stops because the broker connection was lost",
+            link_loss_stops.clone(),
+        );
+        let publishes_dropped = Counter::default();
+        registry.register(
+            "fleet_node_publishes_dropped",
+            "Publishes that could not be queued (outgoing queue full)",
+            publishes_dropped.clone(),
+        );
+        let robots_connected = Gauge::default();
+        registry.register(
+            "fleet_node_robots_connected",
+            "Robots of this process currently connected to the broker",
+            robots_connected.clone(),
+        );
+        fleet_runtime::process::register(&mut registry);
+        Self {
+            registry,
+            commands,
+            handling,
+            connects,
+            dead_man_stops,
+            link_loss_stops,
+            publishes_dropped,
+            robots_connected,
+        }
+    }
+}
+
+impl NodeMetrics {
+    /// `fleet_wide`: the command came on `<prefix>/all/cmd/...`. `command` must already
+    /// be bounded (a known command or `other`).
+    pub fn record_command(&self, fleet_wide: bool, command: &str, ok: bool, took: Duration) {
+        let target = if fleet_wide { "all" } else { "+" };
+        self.commands
+            .get_or_create(&CommandLabels {
+                topic: format!("{target}/cmd/{command}"),
+                result: if ok { "ok" } else { "error" }.to_owned(),
+            })
+            .inc();
+        self.handling.observe(took.as_secs_f64());
+    }
+
+    /// How many commands ended with `result` ("ok" or "error"), over every topic.
+    pub fn commands_total(&self, result: &str) -> u64 {
+        let commands = ["drive", "speed", "eyes", "servo", "stop", "other"];
+        ["+", "all"]
+            .iter()
+            .flat_map(|target| commands.iter().map(move |c| format!("{target}/cmd/{c}")))
+            .filter_map(|topic| {
+                let labels = CommandLabels {
+                    topic,
+                    result: result.to_owned(),
+                };
+                self.commands.get(&labels).map(|counter| counter.get())
+            })
+            .sum()
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        out
+    }
+}

@@ -22,10 +22,12 @@ fi
 (cd e2e && npm ci --no-audit --no-fund --loglevel=error)
 
 FLEET=${FLEET_BIN:-$ROOT/target/debug/fleet}
-[[ -x $FLEET ]] || cargo build --bin fleet
+NODE=${NODE_BIN:-$ROOT/target/debug/robot-node}
+[[ -x $FLEET && -x $NODE ]] || cargo build --bins
 MQTT_PORT=${E2E_MQTT_PORT:-18831}
 WS_PORT=${E2E_WS_PORT:-18083}
 HTTP_PORT=${E2E_HTTP_PORT:-18080}
+NODE_METRICS_PORT=${E2E_NODE_METRICS_PORT:-19102}
 BASE=http://127.0.0.1:$HTTP_PORT
 
 pids=()
@@ -117,6 +119,31 @@ check "/metrics counts published commands" \
 # The web page in a real browser: hold a D-pad button, the robot moves; release, it stops.
 check "the web page drives both robots (chromium)" \
   env BASE="$BASE" ART="$ART" node e2e/browser.mjs
+
+# A robot-node process of its own: pin map from a config file, three simulated robots.
+"$NODE" --config robot-node/config/torvalds.toml --robot sim --simulate 3 \
+  --broker 127.0.0.1:$MQTT_PORT --metrics-addr 127.0.0.1:$NODE_METRICS_PORT >"$ART/robot-node.log" 2>&1 &
+NODE_PID=$!
+pids+=($NODE_PID)
+check "robot-node --simulate 3 brings sim-1..sim-3 online" \
+  wait_for 20 bash -c "grep -q '^fleet/sim-1/status online' '$ART/sub-v311.txt' && grep -q '^fleet/sim-3/status online' '$ART/sub-v311.txt'"
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -q 1 -t fleet/sim-2/cmd/drive -m north
+check "sim-2 drives with torvalds' pin map from the config file" \
+  wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/sim-2/state .*"motion":"forward","motors":\[\{"direction":"forward","speed":null\}'
+check "robot-node serves /metrics with its command counter" \
+  wait_for 5 has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/metrics") '^fleet_node_commands_total\{topic="\+/cmd/drive",result="ok"\} 1'
+check "robot-node /metrics has process metrics" \
+  has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/metrics") '^process_resident_memory_bytes '
+check "robot-node /health" has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/health") '"robots_connected":3'
+kill -TERM $NODE_PID
+check "robot-node SIGTERM: its robots say offline" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/sim-3/status offline'
+rppal_refused() {
+  local out rc=0
+  out=$("$NODE" --robot linus --driver rppal --metrics-addr off 2>&1) || rc=$?
+  echo "$out" >"$ART/robot-node-rppal.log"
+  [[ $rc -ne 0 && $out == *"GPIO device cannot be opened"* && $out != *panicked* ]]
+}
+check "--driver rppal off a Pi says so plainly and exits non-zero" rppal_refused
 
 # A clean shutdown leaves the robots safe and offline.
 kill -TERM $FLEET_PID

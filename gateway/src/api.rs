@@ -14,7 +14,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use fleet_protocol::command::MAX_COMMAND_PAYLOAD;
 use fleet_protocol::trace::{TRACEPARENT, TRACESTATE};
-use fleet_protocol::{COMMAND_ID_PROPERTY, CommandEnvelope, CommandKind, RobotId, TraceParent};
+use fleet_protocol::{
+    COMMAND_ID_PROPERTY, Command, CommandEnvelope, CommandKind, RobotId, TraceParent,
+};
 use futures_util::stream::{self, Stream, StreamExt};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
@@ -149,7 +151,7 @@ async fn fleet_stop(
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let topic = state.fleet.topics().fleet_command(CommandKind::Stop);
-    let envelope = CommandEnvelope::new(fleet_protocol::Command::Stop);
+    let envelope = CommandEnvelope::new(Command::Stop);
     publish(&state, topic, envelope, &headers).await
 }
 
@@ -190,6 +192,7 @@ async fn publish(
         user_properties.push((TRACESTATE.to_owned(), ts));
     }
     let properties = PublishProperties {
+        message_expiry_interval: expiry_seconds(&envelope.command),
         payload_format_indicator: Some(1),
         content_type: Some("application/json".to_owned()),
         response_topic: Some(state.reply_topic.clone()),
@@ -221,6 +224,20 @@ async fn publish(
             "traceparent": traceparent.map(|t| t.to_string()),
         })),
     ))
+}
+
+/// How long a command may wait in a robot's queue (while it is briefly offline) before
+/// the broker drops it. A drive that arrives seconds late would move the robot when
+/// nobody is holding the button any more; a stop is never stale.
+fn expiry_seconds(command: &Command) -> Option<u32> {
+    match command {
+        Command::Stop => None,
+        Command::Drive { hold_ms, .. } => {
+            let hold_s = hold_ms.unwrap_or(1000).div_ceil(1000);
+            Some(hold_s + 1)
+        }
+        _ => Some(30),
+    }
 }
 
 /// Continues the caller's trace (from the `traceparent` header or the JSON body) or

@@ -23,7 +23,7 @@ fi
 
 FLEET=${FLEET_BIN:-$ROOT/target/debug/fleet}
 NODE=${NODE_BIN:-$ROOT/target/debug/robot-node}
-[[ -x $FLEET && -x $NODE ]] || cargo build --bins
+[[ -x $FLEET && -x $NODE ]] || cargo build --workspace --bins
 MQTT_PORT=${E2E_MQTT_PORT:-18831}
 WS_PORT=${E2E_WS_PORT:-18083}
 HTTP_PORT=${E2E_HTTP_PORT:-18080}

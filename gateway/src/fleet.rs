@@ -173,6 +173,9 @@ pub(crate) fn mqtt_options(client_id: &str, host: &str, port: u16) -> MqttOption
     options.set_keep_alive(Duration::from_secs(10));
     options.set_clean_start(true);
     options.set_max_packet_size(Some(1024 * 1024));
+    // rumqttc preallocates a slot per in-flight publish (65,535 by default, ~13 MB);
+    // 1,024 commands in flight covers bursts at well over 1,000 commands/s.
+    options.set_outgoing_inflight_upper_limit(1024);
     options
 }
 

@@ -29,6 +29,8 @@ use crate::robot::{CommandFailure, Robot};
 const MAX_INCOMING_PACKET: u32 = 2 * 1024 * 1024;
 /// Requests queued towards the MQTT event loop.
 const OUTGOING_CAPACITY: usize = 1024;
+/// QoS 1 publishes (results, state) awaiting their PUBACK at once.
+const OUTGOING_INFLIGHT: u16 = 64;
 /// A connection that lasted this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
@@ -103,6 +105,9 @@ fn mqtt_options(config: &NodeConfig) -> MqttOptions {
         u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX),
     ));
     options.set_max_packet_size(Some(MAX_INCOMING_PACKET));
+    // rumqttc preallocates a slot per in-flight publish, 65,535 by default (about 13 MB);
+    // a node has a handful of publishes in flight.
+    options.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     options.set_last_will(LastWill::new(
         topics.status(&config.robot.id),
         Availability::Offline.as_str(),

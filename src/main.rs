@@ -31,7 +31,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    fleet_runtime::init_logging();
+    let _telemetry = fleet_runtime::telemetry::init("fleet");
     let args = Args::parse();
     let topics = args.topics.topics();
 

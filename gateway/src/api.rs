@@ -17,11 +17,13 @@ use fleet_protocol::trace::{TRACEPARENT, TRACESTATE};
 use fleet_protocol::{
     COMMAND_ID_PROPERTY, Command, CommandEnvelope, CommandKind, RobotId, TraceParent,
 };
+use fleet_runtime::telemetry::{set_remote_parent, traceparent_of};
 use futures_util::stream::{self, Stream, StreamExt};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::BroadcastStream;
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::metrics;
@@ -143,7 +145,15 @@ async fn send_command(
     let envelope = CommandEnvelope::parse(kind, &body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
     let topic = state.fleet.topics().command(&robot_id, kind);
-    publish(&state, topic, envelope, &headers).await
+    let template = format!("{}/+/cmd/{kind}", state.fleet.topics().prefix());
+    let span = http_span(
+        "POST /api/robots/{robot}/commands/{command}",
+        &headers,
+        &envelope,
+    );
+    publish(&state, topic, &template, envelope, &headers)
+        .instrument(span)
+        .await
 }
 
 async fn fleet_stop(
@@ -152,7 +162,11 @@ async fn fleet_stop(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let topic = state.fleet.topics().fleet_command(CommandKind::Stop);
     let envelope = CommandEnvelope::new(Command::Stop);
-    publish(&state, topic, envelope, &headers).await
+    let span = http_span("POST /api/fleet/stop", &headers, &envelope);
+    let template = topic.clone();
+    publish(&state, topic, &template, envelope, &headers)
+        .instrument(span)
+        .await
 }
 
 /// Publishes a command (QoS 1, not retained) in its canonical JSON form, with the
@@ -160,6 +174,7 @@ async fn fleet_stop(
 async fn publish(
     state: &AppState,
     topic: String,
+    template: &str,
     mut envelope: CommandEnvelope,
     headers: &HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -174,7 +189,19 @@ async fn publish(
         .id
         .get_or_insert_with(|| format!("{:016x}", rand::random::<u64>()))
         .clone();
-    let traceparent = outgoing_traceparent(headers, envelope.traceparent);
+    // The producer span (OpenTelemetry messaging conventions) names the hop the robot
+    // continues; without span export the gateway makes up the ids itself.
+    let producer = tracing::info_span!(
+        "publish",
+        otel.name = %format!("send {template}"),
+        otel.kind = "producer",
+        messaging.system = "mqtt",
+        messaging.operation.type = "send",
+        messaging.destination.name = %topic,
+        messaging.message.id = %id,
+    );
+    let traceparent =
+        traceparent_of(&producer).or_else(|| outgoing_traceparent(headers, envelope.traceparent));
     let tracestate = headers
         .get(TRACESTATE)
         .and_then(|v| v.to_str().ok())
@@ -205,6 +232,7 @@ async fn publish(
     state
         .mqtt
         .publish_with_properties(topic.clone(), QoS::AtLeastOnce, false, payload, properties)
+        .instrument(producer)
         .await
         .map_err(|e| {
             ApiError::new(
@@ -238,6 +266,32 @@ fn expiry_seconds(command: &Command) -> Option<u32> {
         }
         _ => Some(30),
     }
+}
+
+/// The server span of a command request, continuing the caller's trace (the
+/// `traceparent` header, or the JSON body's for clients that cannot set headers).
+fn http_span(
+    route: &'static str,
+    headers: &HeaderMap,
+    envelope: &CommandEnvelope,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "http",
+        otel.name = route,
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = route,
+    );
+    let incoming = headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<TraceParent>().ok())
+        .or(envelope.traceparent);
+    if let Some(parent) = incoming {
+        let tracestate = headers.get(TRACESTATE).and_then(|v| v.to_str().ok());
+        set_remote_parent(&span, &parent, tracestate);
+    }
+    span
 }
 
 /// Continues the caller's trace (from the `traceparent` header or the JSON body) or

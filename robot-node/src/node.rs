@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use fleet_protocol::trace::TRACESTATE;
 use fleet_protocol::{
     Availability, COMMAND_ID_PROPERTY, Command, CommandEnvelope, CommandKind, CommandOutcome,
     CommandResult, CommandTarget, EyesCommand, LastCommand, TopicError, Topics, TraceParent,
     command::validate_id,
 };
+use fleet_runtime::telemetry::set_remote_parent;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
@@ -379,8 +381,29 @@ impl Node {
             .unwrap_or_else(|| self.generate_id());
         let traceparent = TraceParent::from_properties(user_properties())
             .or(envelope.and_then(|e| e.traceparent));
+        let tracestate = user_properties()
+            .find(|(k, _)| k.eq_ignore_ascii_case(TRACESTATE))
+            .map(|(_, v)| v.to_owned())
+            .or_else(|| envelope.and_then(|e| e.tracestate.clone()));
         let trace_id = traceparent.map(|t| t.trace_id_hex()).unwrap_or_default();
-        let span = tracing::info_span!("command", robot = %self.robot_name(), command = %command_name, %id, %trace_id);
+        // An OpenTelemetry consumer span (messaging conventions; `mqtt` is not yet a
+        // registered messaging.system value), child of the sender's span.
+        let template = if fleet_wide { "all" } else { "+" };
+        let span = tracing::info_span!(
+            "command",
+            otel.name = %format!("process {}/{template}/cmd/{command_name}", self.config.topics.prefix()),
+            otel.kind = "consumer",
+            messaging.system = "mqtt",
+            messaging.operation.type = "process",
+            messaging.destination.name = %topic,
+            messaging.message.id = %id,
+            robot = %self.robot_name(),
+            command = %command_name,
+            %trace_id,
+        );
+        if let Some(parent) = &traceparent {
+            set_remote_parent(&span, parent, tracestate.as_deref());
+        }
         let _entered = span.enter();
 
         let outcome = parsed.and_then(|envelope| {
@@ -472,7 +495,9 @@ impl Node {
             }) => Duration::from_millis(u64::from(*ms)),
             _ => self.config.blink,
         };
-        let timers = self.robot.execute(command, hold, blink)?;
+        let timers =
+            tracing::info_span!("driver", robot = %self.config.robot.id, command = %command.kind())
+                .in_scope(|| self.robot.execute(command, hold, blink))?;
         self.motors_deadline = if self.robot.is_moving() {
             timers
                 .motors_until

@@ -2,13 +2,12 @@
 //! process metrics.
 
 pub mod process;
+pub mod telemetry;
 
 use std::fmt;
-use std::io::IsTerminal;
 use std::str::FromStr;
 
 use fleet_protocol::{TopicPrefix, Topics};
-use tracing_subscriber::EnvFilter;
 
 /// The flag every fleet binary has: where in the topic tree the fleet lives.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,21 +21,6 @@ impl TopicArgs {
     pub fn topics(&self) -> Topics {
         Topics::new(self.topic_prefix.clone())
     }
-}
-
-/// Logs to stderr; the level comes from `RUST_LOG` (default `info`, with rmqtt's own
-/// per-connection chatter at `warn`).
-pub fn init_logging() {
-    // rmqtt's plugins log their configuration at info level under hyphenated targets.
-    const QUIET_DEPENDENCIES: &str =
-        "info,rmqtt=warn,rmqtt_net=warn,rmqtt-retainer=warn,rmqtt-shared-subscription=warn";
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(QUIET_DEPENDENCIES));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (what `docker stop` and Kubernetes send).

@@ -291,3 +291,135 @@ impl TcpProxy {
         let _ = self.open.send(true);
     }
 }
+
+/// A span as an OTLP receiver got it (ids in lower-case hex).
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub service: String,
+    pub name: String,
+    pub kind: i32,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+impl ReceivedSpan {
+    /// OTLP span kinds.
+    pub const SERVER: i32 = 2;
+    pub const PRODUCER: i32 = 4;
+    pub const CONSUMER: i32 = 5;
+
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A real OTLP/HTTP traces endpoint (`POST /v1/traces`, protobuf) that keeps every span.
+pub struct OtlpReceiver {
+    url: String,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        use axum::body::Bytes;
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+        use prost::Message as _;
+
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let store = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: Bytes| {
+                let store = store.clone();
+                async move {
+                    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                        return axum::http::StatusCode::BAD_REQUEST;
+                    };
+                    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+                    let text =
+                        |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+                            .as_ref()
+                            .and_then(|v| v.value.as_ref())
+                        {
+                            Some(AnyValue::StringValue(s)) => s.clone(),
+                            Some(AnyValue::IntValue(i)) => i.to_string(),
+                            Some(AnyValue::BoolValue(b)) => b.to_string(),
+                            other => format!("{other:?}"),
+                        };
+                    let mut received = store.lock().expect("lock");
+                    for resource in request.resource_spans {
+                        let service = resource
+                            .resource
+                            .iter()
+                            .flat_map(|r| r.attributes.iter())
+                            .find(|a| a.key == "service.name")
+                            .map(|a| text(&a.value))
+                            .unwrap_or_default();
+                        for scope in resource.scope_spans {
+                            for span in scope.spans {
+                                received.push(ReceivedSpan {
+                                    service: service.clone(),
+                                    name: span.name.clone(),
+                                    kind: span.kind,
+                                    trace_id: hex(&span.trace_id),
+                                    span_id: hex(&span.span_id),
+                                    parent_span_id: hex(&span.parent_span_id),
+                                    attributes: span
+                                        .attributes
+                                        .iter()
+                                        .map(|a| (a.key.clone(), text(&a.value)))
+                                        .collect(),
+                                });
+                            }
+                        }
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("OTLP receiver binds");
+        let url = format!(
+            "http://{}/v1/traces",
+            listener.local_addr().expect("address")
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        OtlpReceiver { url, spans }
+    }
+
+    /// The full traces URL to export to.
+    pub fn traces_url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().expect("lock").clone()
+    }
+
+    /// Waits until a span matching `accept` has arrived.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        accept: impl Fn(&ReceivedSpan) -> bool,
+    ) -> ReceivedSpan {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(span) = self.spans().into_iter().find(|s| accept(s)) {
+                return span;
+            }
+            if Instant::now() > deadline {
+                panic!("no span {what}; received: {:#?}", self.spans());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

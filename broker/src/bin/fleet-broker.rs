@@ -32,7 +32,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    fleet_runtime::init_logging();
+    let _telemetry = fleet_runtime::telemetry::init("fleet-broker");
     let args = Args::parse();
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,

@@ -19,7 +19,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    fleet_runtime::init_logging();
+    let _telemetry = fleet_runtime::telemetry::init("fleet-gateway");
     let args = Args::parse();
     let config = GatewayConfig::from_args(
         &args.gateway,

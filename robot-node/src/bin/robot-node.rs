@@ -103,7 +103,7 @@ where
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    fleet_runtime::init_logging();
+    let _telemetry = fleet_runtime::telemetry::init("robot-node");
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches)?;
 

@@ -1,0 +1,191 @@
+//! Logs and traces for every fleet process: `tracing` to stderr, and OpenTelemetry spans
+//! over OTLP (HTTP/protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. Silent otherwise.
+//!
+//! Trace context crosses MQTT as W3C `traceparent`; [`set_remote_parent`] continues a
+//! received one and [`traceparent_of`] gives the one to send on.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use fleet_protocol::TraceParent;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider,
+};
+use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// rmqtt's plugins log their configuration at info level under hyphenated targets.
+const QUIET_DEPENDENCIES: &str =
+    "info,rmqtt=warn,rmqtt_net=warn,rmqtt-retainer=warn,rmqtt-shared-subscription=warn";
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// `service.name` of the spans (`OTEL_SERVICE_NAME` wins when set).
+    pub service_name: String,
+    /// The full OTLP/HTTP traces URL (`…/v1/traces`); `None` reads the standard
+    /// `OTEL_EXPORTER_OTLP_*` variables, and exports nothing when they are unset.
+    pub otlp_traces_endpoint: Option<String>,
+    /// How often batched spans are sent.
+    pub export_interval: Duration,
+}
+
+impl TelemetryConfig {
+    pub fn new(service_name: &str) -> Self {
+        Self {
+            service_name: std::env::var("OTEL_SERVICE_NAME")
+                .unwrap_or_else(|_| service_name.to_owned()),
+            otlp_traces_endpoint: None,
+            export_interval: Duration::from_secs(2),
+        }
+    }
+
+    fn exports(&self) -> bool {
+        self.otlp_traces_endpoint.is_some()
+            || [
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            ]
+            .iter()
+            .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()))
+    }
+}
+
+/// Keeps the span exporter alive; flushes and stops it when dropped.
+#[must_use = "spans are only exported while the Telemetry guard lives"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported over OTLP.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Sends every finished span now.
+    pub fn flush(&self) {
+        if let Some(provider) = self.provider.clone() {
+            // The exporter's HTTP client blocks: keep it off the async runtime's threads.
+            let _ = std::thread::spawn(move || provider.force_flush()).join();
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = std::thread::spawn(move || provider.shutdown()).join();
+        }
+    }
+}
+
+/// Sets up logging (level from `RUST_LOG`, default `info`) and, when configured, OTLP
+/// span export. Call once per process.
+pub fn init(service_name: &str) -> Telemetry {
+    init_with(TelemetryConfig::new(service_name))
+}
+
+pub fn init_with(config: TelemetryConfig) -> Telemetry {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(QUIET_DEPENDENCIES));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
+    let (provider, export_error) = if config.exports() {
+        match build_provider(&config) {
+            Ok(provider) => (Some(provider), None),
+            Err(error) => (None, Some(error)),
+        }
+    } else {
+        (None, None)
+    };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone())));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    match (&provider, export_error) {
+        (Some(_), _) => tracing::info!(service = %config.service_name, "exporting spans over OTLP"),
+        (None, Some(error)) => {
+            tracing::error!(%error, "cannot set up OTLP span export; continuing without it")
+        }
+        (None, None) => {}
+    }
+    Telemetry { provider }
+}
+
+fn build_provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, String> {
+    let config = config.clone();
+    // The blocking HTTP client of the exporter must be built (and later dropped) on a
+    // thread of its own, not on the async runtime.
+    std::thread::spawn(move || {
+        let mut exporter = SpanExporter::builder().with_http();
+        if let Some(endpoint) = &config.otlp_traces_endpoint {
+            exporter = exporter.with_endpoint(endpoint.clone());
+        }
+        let exporter = exporter.build().map_err(|e| e.to_string())?;
+        let processor = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(config.export_interval)
+                    .build(),
+            )
+            .build();
+        let resource = Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .build();
+        Ok(SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource)
+            .build())
+    })
+    .join()
+    .map_err(|_| "the exporter set-up thread panicked".to_owned())?
+}
+
+/// Makes `span` a child of a span in another process, identified by `traceparent`.
+pub fn set_remote_parent(span: &tracing::Span, parent: &TraceParent, tracestate: Option<&str>) {
+    let state = tracestate
+        .and_then(|s| TraceState::from_key_value(parse_tracestate(s)).ok())
+        .unwrap_or_default();
+    let context = SpanContext::new(
+        TraceId::from_bytes(parent.trace_id),
+        SpanId::from_bytes(parent.parent_id),
+        TraceFlags::new(parent.flags),
+        true,
+        state,
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(context));
+}
+
+fn parse_tracestate(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|member| member.trim().split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The `traceparent` that names `span` to the next process, when spans are recorded
+/// (OTLP export on). `None` otherwise: the caller makes its own ids.
+pub fn traceparent_of(span: &tracing::Span) -> Option<TraceParent> {
+    let context = span.context();
+    let span_ref = context.span();
+    let span_context = span_ref.span_context();
+    if !span_context.is_valid() {
+        return None;
+    }
+    Some(TraceParent {
+        trace_id: span_context.trace_id().to_bytes(),
+        parent_id: span_context.span_id().to_bytes(),
+        flags: span_context.trace_flags().to_u8(),
+    })
+}

@@ -478,3 +478,43 @@ async fn the_e_stop_reaches_everyone_and_shutdown_leaves_outputs_safe() {
     );
     torvalds.node.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn outputs_start_safe_and_an_idle_node_keeps_a_heartbeat() {
+    let broker = start_broker().await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/linus/state").await;
+    let mut linus_config = config(broker.mqtt_addr(), RobotConfig::linus());
+    linus_config.heartbeat = Duration::from_millis(200);
+    let robot = spawn(linus_config);
+    watcher.wait_for("the first state", |_| true).await;
+
+    // Before anything else, every output was driven to its safe state.
+    let first_writes: std::collections::BTreeMap<u8, robot_node::driver::PinOutput> = robot
+        .recording
+        .timeline()
+        .iter()
+        .rev()
+        .map(|c| (c.pin, c.output))
+        .collect();
+    for pin in [13, 21, 17, 27, 12, 26, 16] {
+        assert_eq!(
+            first_writes.get(&pin).map(|o| o.is_active()),
+            Some(false),
+            "GPIO{pin} starts inactive"
+        );
+    }
+
+    // Idle, the state is republished every heartbeat with a fresh last_seen_ms.
+    watcher
+        .wait_for("three states", |_| watcher.messages().len() >= 3)
+        .await;
+    let seen: Vec<u64> = watcher
+        .messages()
+        .iter()
+        .filter_map(|m| m.json()["last_seen_ms"].as_u64())
+        .collect();
+    assert!(
+        seen.windows(2).all(|w| w[1] >= w[0]) && seen.last() > seen.first(),
+        "{seen:?}"
+    );
+}

@@ -101,11 +101,24 @@ where
         .transpose()
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let _telemetry = fleet_runtime::telemetry::init("robot-node");
+fn main() -> anyhow::Result<()> {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches)?;
+    // One robot needs one thread (a Pi Zero has one core, and every worker thread costs
+    // memory); many simulated robots use every core.
+    let runtime = match args.simulate {
+        Some(_) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run(matches, args))
+}
+
+async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
+    let _telemetry = fleet_runtime::telemetry::init("robot-node");
 
     let file = args
         .config

@@ -347,13 +347,27 @@ async fn commands_sent_while_the_node_was_away_are_delivered_when_it_returns() {
             m.topic == "fleet/linus/status" && m.text() == "offline"
         })
         .await;
+    // A drive that expires after 1 s (as the gateway sends them), then an eyes command
+    // without expiry.
+    let sender = Watcher::v5(broker.mqtt_addr(), "sender", "nothing/#").await;
+    let expires = PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    sender
+        .publish_with_properties(
+            "fleet/linus/cmd/drive",
+            r#"{"direction":"forward","id":"stale"}"#,
+            expires,
+        )
+        .await;
     watcher
         .publish(
             "fleet/linus/cmd/eyes",
             r#"{"state":"on","id":"while-away"}"#,
         )
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let second = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
     let result = watcher
@@ -367,6 +381,13 @@ async fn commands_sent_while_the_node_was_away_are_delivered_when_it_returns() {
         second.recording.outputs().get(&16).map(|o| o.is_active()),
         Some(true)
     );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !watcher.messages().iter().any(|m| !m.topic.contains("/cmd/")
+            && (m.json()["id"] == "stale" || m.json()["last_command"]["id"] == "stale")),
+        "the expired drive was not delivered"
+    );
+    assert_eq!(second.recording.levels(&second.inputs), "0000");
 }
 
 #[tokio::test]

@@ -114,7 +114,7 @@ sys.exit(0 if all(robots.get(n, {}).get("online") is True for n in ("linus", "to
 }
 check "GET /api/robots lists both robots online" robots_online
 check "/metrics counts published commands" \
-  has_line <(curl -fsS "$BASE/metrics") '^fleet_gateway_commands_published_total\{command="drive"\} [1-9]'
+  has_line <(curl -fsS "$BASE/metrics") '^fleet_gateway_commands_published_total\{command="drive",topic="fleet/\+/cmd/drive"\} [1-9]'
 
 # The web page in a real browser: hold a D-pad button, the robot moves; release, it stops.
 check "the web page drives both robots (chromium)" \

@@ -108,6 +108,10 @@ impl RunningBroker {
     }
 }
 
+/// rmqtt keys listener settings by id; fixed ids keep them apart even on port 0.
+const TCP_LISTENER_ID: u16 = 1;
+const WS_LISTENER_ID: u16 = 2;
+
 /// Binds the listeners and starts the broker on the current tokio runtime.
 pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     // Retained messages live in memory and never expire on their own: state, status and
@@ -155,7 +159,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
             source,
         })?;
     let mqtt_addr = tcp.local_addr().unwrap_or(config.mqtt_addr);
-    let mut server = MqttServer::new(scx).listener(tcp);
+    let mut server = MqttServer::new(scx).listener_by_id(tcp, TCP_LISTENER_ID);
 
     let mut ws_addr = None;
     if let Some(addr) = config.ws_addr {
@@ -164,7 +168,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
             .and_then(|l| l.ws())
             .map_err(|source| BrokerError::Bind { addr, source })?;
         ws_addr = Some(ws.local_addr().unwrap_or(addr));
-        server = server.listener(ws);
+        server = server.listener_by_id(ws, WS_LISTENER_ID);
     }
 
     let server = server.build();

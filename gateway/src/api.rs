@@ -7,48 +7,57 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use fleet_protocol::command::MAX_COMMAND_PAYLOAD;
-use fleet_protocol::trace::{TRACEPARENT, TRACESTATE};
-use fleet_protocol::{
-    COMMAND_ID_PROPERTY, Command, CommandEnvelope, CommandKind, RobotId, TraceParent,
-};
-use fleet_runtime::telemetry::{set_remote_parent, traceparent_of};
+use fleet_protocol::{Command, CommandEnvelope, CommandKind, RobotId};
 use futures_util::stream::{self, Stream, StreamExt};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::BroadcastStream;
 use tracing::Instrument;
 
 use crate::AppState;
-use crate::metrics;
+use crate::commands::{self, Sent, Target};
+use crate::{aliases, guard, metrics, probe};
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
+const OPENAPI_JSON: &str = include_str!("openapi.json");
 
 /// The gateway's router. Built from state alone so tests can drive it with `oneshot`.
 pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/", get(index))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
-        .route("/api/robots", get(list_robots))
-        .route("/api/robots/{robot}", get(get_robot))
+    // Anything that moves a robot: bearer token (when configured) and rate limit.
+    let control = Router::new()
         .route("/api/robots/{robot}/commands/{command}", post(send_command))
         .route("/api/fleet/stop", post(fleet_stop))
-        .route("/api/events", get(events))
+        .route("/api/probe", get(probe).post(probe))
+        .merge(aliases::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::control,
+        ));
+    let open = Router::new()
+        .route("/", get(index))
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/healthcheck", get(healthcheck))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/robots", get(list_robots))
+        .route("/api/robots/{robot}", get(get_robot))
+        .route("/api/events", get(events));
+    open.merge(control)
         .fallback(not_found)
-        .with_state(state.clone());
-    api.layer(axum::middleware::from_fn_with_state(
-        state.metrics.clone(),
-        metrics::track,
-    ))
-    // Room for an oversized command to reach the parser and get a precise 400.
-    .layer(DefaultBodyLimit::max(MAX_COMMAND_PAYLOAD * 4))
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            metrics::track,
+        ))
+        // Room for an oversized command to reach the parser and get a precise 400.
+        .layer(DefaultBodyLimit::max(MAX_COMMAND_PAYLOAD * 4))
 }
 
 /// An error answer: `{"error": "...", "code": "..."}` with a 4xx/5xx status.
@@ -59,7 +68,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -81,6 +94,38 @@ async fn index() -> impl IntoResponse {
 
 async fn health() -> Json<Value> {
     Json(json!({ "health": "ok" }))
+}
+
+/// As the original Flask app answered.
+async fn status() -> Json<Value> {
+    Json(json!({ "result": "OK - healthy" }))
+}
+
+/// As the original FastAPI app answered.
+async fn healthcheck() -> Json<Value> {
+    Json(json!({ "app_name": "fleet-gateway", "app_status": "ok" }))
+}
+
+/// Ready only while the broker link is up: commands would fail otherwise.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    if state.fleet.is_connected() {
+        (StatusCode::OK, Json(json!({ "ready": true })))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reason": "not connected to the MQTT broker" })),
+        )
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON)
+}
+
+/// Pings every known robot now and answers with each one's result.
+async fn probe(State(state): State<AppState>) -> Json<Value> {
+    let results = probe::probe_all(&state).await;
+    Json(json!({ "robots": results }))
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
@@ -120,201 +165,110 @@ async fn get_robot(
     Ok(Json(json!(view)))
 }
 
+/// `?wait=true`: answer with the robot's result instead of 202.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct WaitQuery {
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// 202 with the command id, or 200 with the robot's result.
+pub type CommandResponse = (StatusCode, Json<Value>);
+
 async fn send_command(
     State(state): State<AppState>,
     Path((robot, command)): Path<(String, String)>,
+    Query(query): Query<WaitQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Some(robot_id) = RobotId::new(&robot)
-        .ok()
-        .filter(|_| state.fleet.robot(&robot).is_some())
-    else {
-        return Err(unknown_robot(&robot));
-    };
+) -> Result<CommandResponse, ApiError> {
     let kind: CommandKind = command.parse().map_err(|_| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_command",
-            format!("unknown command {command:?} (expected drive, speed, eyes, servo or stop)"),
+            format!(
+                "unknown command {command:?} (expected drive, speed, eyes, servo, stop or ping)"
+            ),
         )
     })?;
     let body = body.map_err(|rejection| {
         ApiError::new(rejection.status(), "bad_body", rejection.body_text())
     })?;
-    let envelope = CommandEnvelope::parse(kind, &body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
-    let topic = state.fleet.topics().command(&robot_id, kind);
-    let template = format!("{}/+/cmd/{kind}", state.fleet.topics().prefix());
-    let span = http_span(
-        "POST /api/robots/{robot}/commands/{command}",
+    command_for(
+        &state,
+        &robot,
+        kind,
+        &body,
         &headers,
-        &envelope,
-    );
-    publish(&state, topic, &template, envelope, &headers)
-        .instrument(span)
-        .await
+        query.wait,
+        "POST /api/robots/{robot}/commands/{command}",
+    )
+    .await
 }
 
+/// Validates and sends one command to one robot; shared by the API and the aliases.
+pub async fn command_for(
+    state: &AppState,
+    robot: &str,
+    kind: CommandKind,
+    payload: &[u8],
+    headers: &HeaderMap,
+    wait: bool,
+    route: &'static str,
+) -> Result<CommandResponse, ApiError> {
+    let Some(robot_id) = RobotId::new(robot)
+        .ok()
+        .filter(|_| state.fleet.robot(robot).is_some())
+    else {
+        return Err(unknown_robot(robot));
+    };
+    let envelope = CommandEnvelope::parse(kind, payload)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    let topics = state.fleet.topics();
+    let target = Target {
+        topic: topics.command(&robot_id, kind),
+        template: format!("{}/+/cmd/{kind}", topics.prefix()),
+        robot: Some(robot.to_owned()),
+    };
+    let span = commands::http_span(route, headers, &envelope);
+    let wait = wait.then_some(state.command_timeout);
+    let sent = commands::send(state, target, envelope, headers, wait)
+        .instrument(span)
+        .await?;
+    Ok(respond(sent, kind))
+}
+
+fn respond(sent: Sent, kind: CommandKind) -> CommandResponse {
+    match sent {
+        Sent::Answered(result) => (StatusCode::OK, Json(result)),
+        Sent::Accepted { id, traceparent } => (
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "id": id,
+                "command": kind.as_str(),
+                "traceparent": traceparent.map(|t| t.to_string()),
+            })),
+        ),
+    }
+}
+
+/// Stops every robot (`<prefix>/all/cmd/stop`). Never waits: many robots answer.
 async fn fleet_stop(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<CommandResponse, ApiError> {
     let topic = state.fleet.topics().fleet_command(CommandKind::Stop);
     let envelope = CommandEnvelope::new(Command::Stop);
-    let span = http_span("POST /api/fleet/stop", &headers, &envelope);
-    let template = topic.clone();
-    publish(&state, topic, &template, envelope, &headers)
+    let span = commands::http_span("POST /api/fleet/stop", &headers, &envelope);
+    let target = Target {
+        template: topic.clone(),
+        topic,
+        robot: None,
+    };
+    let sent = commands::send(&state, target, envelope, &headers, None)
         .instrument(span)
-        .await
-}
-
-/// Publishes a command (QoS 1, not retained) in its canonical JSON form, with the
-/// command id, trace context, response topic and correlation data as MQTT 5 properties.
-async fn publish(
-    state: &AppState,
-    topic: String,
-    template: &str,
-    mut envelope: CommandEnvelope,
-    headers: &HeaderMap,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !state.fleet.is_connected() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker_unavailable",
-            "the gateway is not connected to the MQTT broker",
-        ));
-    }
-    let id = envelope
-        .id
-        .get_or_insert_with(|| format!("{:016x}", rand::random::<u64>()))
-        .clone();
-    // The producer span (OpenTelemetry messaging conventions) names the hop the robot
-    // continues; without span export the gateway makes up the ids itself.
-    let producer = tracing::info_span!(
-        "publish",
-        otel.name = %format!("send {template}"),
-        otel.kind = "producer",
-        messaging.system = "mqtt",
-        messaging.operation.type = "send",
-        messaging.destination.name = %topic,
-        messaging.message.id = %id,
-    );
-    let traceparent =
-        traceparent_of(&producer).or_else(|| outgoing_traceparent(headers, envelope.traceparent));
-    let tracestate = headers
-        .get(TRACESTATE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(envelope.tracestate.clone());
-    // Trace context travels as user properties; keep the payload free of it.
-    envelope.traceparent = None;
-    envelope.tracestate = None;
-
-    let mut user_properties = vec![(COMMAND_ID_PROPERTY.to_owned(), id.clone())];
-    if let Some(tp) = traceparent {
-        user_properties.push((TRACEPARENT.to_owned(), tp.to_string()));
-    }
-    if let Some(ts) = tracestate.filter(|t| !t.is_empty()) {
-        user_properties.push((TRACESTATE.to_owned(), ts));
-    }
-    let properties = PublishProperties {
-        message_expiry_interval: expiry_seconds(&envelope.command),
-        payload_format_indicator: Some(1),
-        content_type: Some("application/json".to_owned()),
-        response_topic: Some(state.reply_topic.clone()),
-        correlation_data: Some(Bytes::from(id.clone())),
-        user_properties,
-        ..PublishProperties::default()
-    };
-    let command = envelope.command.kind();
-    let payload = envelope.to_json().to_string();
-    state
-        .mqtt
-        .publish_with_properties(topic.clone(), QoS::AtLeastOnce, false, payload, properties)
-        .instrument(producer)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "broker_unavailable",
-                format!("cannot queue the command: {e}"),
-            )
-        })?;
-    state.metrics.record_command(command.as_str());
-    tracing::info!(%topic, %id, trace_id = %traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(), "command published");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "id": id,
-            "command": command.as_str(),
-            "topic": topic,
-            "traceparent": traceparent.map(|t| t.to_string()),
-        })),
-    ))
-}
-
-/// How long a command may wait in a robot's queue (while it is briefly offline) before
-/// the broker drops it. A drive that arrives seconds late would move the robot when
-/// nobody is holding the button any more; a stop is never stale.
-fn expiry_seconds(command: &Command) -> Option<u32> {
-    match command {
-        Command::Stop => None,
-        Command::Drive { hold_ms, .. } => {
-            let hold_s = hold_ms.unwrap_or(1000).div_ceil(1000);
-            Some(hold_s + 1)
-        }
-        _ => Some(30),
-    }
-}
-
-/// The server span of a command request, continuing the caller's trace (the
-/// `traceparent` header, or the JSON body's for clients that cannot set headers).
-fn http_span(
-    route: &'static str,
-    headers: &HeaderMap,
-    envelope: &CommandEnvelope,
-) -> tracing::Span {
-    let span = tracing::info_span!(
-        "http",
-        otel.name = route,
-        otel.kind = "server",
-        http.request.method = "POST",
-        http.route = route,
-    );
-    let incoming = headers
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<TraceParent>().ok())
-        .or(envelope.traceparent);
-    if let Some(parent) = incoming {
-        let tracestate = headers.get(TRACESTATE).and_then(|v| v.to_str().ok());
-        set_remote_parent(&span, &parent, tracestate);
-    }
-    span
-}
-
-/// Continues the caller's trace (from the `traceparent` header or the JSON body) or
-/// starts a new one, with a fresh span id for this hop.
-fn outgoing_traceparent(
-    headers: &HeaderMap,
-    from_body: Option<TraceParent>,
-) -> Option<TraceParent> {
-    let incoming = headers
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<TraceParent>().ok())
-        .or(from_body);
-    let span_id = loop {
-        let candidate: [u8; 8] = rand::random();
-        if candidate != [0; 8] {
-            break candidate;
-        }
-    };
-    match incoming {
-        Some(parent) => parent.child(span_id),
-        None => TraceParent::new_root(rand::random(), span_id),
-    }
+        .await?;
+    Ok(respond(sent, CommandKind::Stop))
 }
 
 /// Server-sent events: a `snapshot` of every robot first, then each change as it happens.

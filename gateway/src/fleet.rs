@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
+use crate::commands::Pending;
 use crate::metrics::Metrics;
 
 /// What the gateway knows about one robot.
@@ -152,6 +153,10 @@ impl Fleet {
             tracing::warn!("ignoring a reply that is not JSON");
             return false;
         };
+        if result["command"] == "ping" {
+            // The prober's pings are not what a person did last.
+            return false;
+        }
         let Some(robot) = result["robot"].as_str().and_then(|r| RobotId::new(r).ok()) else {
             return false;
         };
@@ -185,6 +190,7 @@ pub(crate) async fn drive_link(
     mut eventloop: EventLoop,
     client: AsyncClient,
     fleet: Arc<Fleet>,
+    pending: Arc<Pending>,
     reply_topic: String,
     metrics: Arc<Metrics>,
 ) {
@@ -210,7 +216,7 @@ pub(crate) async fn drive_link(
                 metrics.broker_connected.set(1);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                on_publish(&fleet, &metrics, &reply_topic, &publish)
+                on_publish(&fleet, &pending, &metrics, &reply_topic, &publish)
             }
             Ok(_) => {}
             Err(error) => {
@@ -228,19 +234,33 @@ pub(crate) async fn drive_link(
     }
 }
 
-fn on_publish(fleet: &Fleet, metrics: &Metrics, reply_topic: &str, publish: &Publish) {
+fn on_publish(
+    fleet: &Fleet,
+    pending: &Pending,
+    metrics: &Metrics,
+    reply_topic: &str,
+    publish: &Publish,
+) {
     let topic = String::from_utf8_lossy(&publish.topic);
-    let kind = if topic == reply_topic {
-        fleet.absorb_reply(&publish.payload).then_some("result")
+    let is_reply = topic == reply_topic;
+    let kind = if is_reply {
+        fleet.absorb_reply(&publish.payload);
+        Some("result")
     } else {
         fleet.absorb(&topic, &publish.payload)
     };
-    if kind == Some("result") {
-        let status = serde_json::from_slice::<Value>(&publish.payload)
-            .ok()
-            .and_then(|r| r["status"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| "unknown".into());
-        metrics.record_result(&status);
+    if kind != Some("result") {
+        return;
+    }
+    let Ok(result) = serde_json::from_slice::<Value>(&publish.payload) else {
+        return;
+    };
+    metrics.record_result(result["status"].as_str().unwrap_or("unknown"));
+    if let Some((latency, waited)) = result["id"]
+        .as_str()
+        .and_then(|id| pending.resolve(id, &result))
+    {
+        metrics.record_latency(latency, waited);
     }
 }
 

@@ -1,20 +1,27 @@
 //! fleet-gateway: the web UI and HTTP API. Turns clicks into MQTT 5 commands that carry
 //! W3C trace context as user properties, and shows the fleet's live state.
 
+pub mod aliases;
 pub mod api;
+pub mod commands;
 pub mod fleet;
+pub mod guard;
 pub mod metrics;
+pub mod probe;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fleet_protocol::{RobotId, Topics};
 use rumqttc::v5::AsyncClient;
 use tokio::net::TcpListener;
 
 pub use api::app;
+use commands::Pending;
 pub use fleet::{Fleet, RobotView};
+use guard::RateLimiter;
 pub use metrics::Metrics;
 
 /// The gateway's own command-line flags, shared by `fleet-gateway` and the all-in-one.
@@ -31,6 +38,25 @@ pub struct GatewayArgs {
         default_value = "linus,torvalds"
     )]
     pub robots: Vec<RobotId>,
+    /// How long `?wait=true` waits for a robot's result before answering 504, in ms
+    #[arg(long, env = "FLEET_COMMAND_TIMEOUT_MS", default_value_t = 2000)]
+    pub command_timeout_ms: u64,
+    /// Bearer token required for control requests (commands, stop, aliases, probe). Set it
+    /// whenever the gateway listens beyond localhost
+    #[arg(long, env = "FLEET_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Control requests allowed per second per client address (sustained)
+    #[arg(long, env = "FLEET_RATE_LIMIT", default_value_t = 50.0)]
+    pub rate_limit: f64,
+    /// Control requests a client may send in a burst
+    #[arg(long, env = "FLEET_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+    /// How often the prober pings every robot, in seconds (first run at start-up; 0 = off)
+    #[arg(long, env = "FLEET_PROBE_INTERVAL_S", default_value_t = 15)]
+    pub probe_interval_s: u64,
+    /// How long a probe waits for a robot's answer before counting it down, in ms
+    #[arg(long, env = "FLEET_PROBE_TIMEOUT_MS", default_value_t = 2000)]
+    pub probe_timeout_ms: u64,
 }
 
 /// Everything the gateway needs to start.
@@ -45,6 +71,13 @@ pub struct GatewayConfig {
     pub robots: Vec<RobotId>,
     /// MQTT client id; also names this gateway's reply topic.
     pub client_id: String,
+    pub command_timeout: Duration,
+    pub api_token: Option<String>,
+    pub rate_limit: f64,
+    pub rate_burst: u32,
+    /// `None` turns the background prober off (`GET /api/probe` still works).
+    pub probe_interval: Option<Duration>,
+    pub probe_timeout: Duration,
 }
 
 impl GatewayConfig {
@@ -58,6 +91,13 @@ impl GatewayConfig {
             http_addr: args.http_addr,
             robots: args.robots.clone(),
             topics,
+            command_timeout: Duration::from_millis(args.command_timeout_ms.max(1)),
+            api_token: args.api_token.clone().filter(|t| !t.is_empty()),
+            rate_limit: args.rate_limit,
+            rate_burst: args.rate_burst,
+            probe_interval: (args.probe_interval_s > 0)
+                .then(|| Duration::from_secs(args.probe_interval_s)),
+            probe_timeout: Duration::from_millis(args.probe_timeout_ms.max(1)),
             ..Self::new(broker_host, broker_port)
         }
     }
@@ -70,6 +110,12 @@ impl GatewayConfig {
             topics: Topics::default(),
             robots: Vec::new(),
             client_id: format!("fleet-gateway-{:08x}", rand::random::<u32>()),
+            command_timeout: Duration::from_secs(2),
+            api_token: None,
+            rate_limit: 50.0,
+            rate_burst: 100,
+            probe_interval: Some(Duration::from_secs(15)),
+            probe_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -82,6 +128,11 @@ pub struct AppState {
     pub mqtt: AsyncClient,
     /// Where robots send results for this gateway's commands (MQTT 5 response topic).
     pub reply_topic: String,
+    pub pending: Arc<Pending>,
+    pub command_timeout: Duration,
+    pub probe_timeout: Duration,
+    pub api_token: Option<Arc<str>>,
+    pub limiter: Arc<RateLimiter>,
 }
 
 /// Creates the gateway's state and starts its MQTT link in the background.
@@ -91,19 +142,30 @@ pub fn connect(config: &GatewayConfig) -> AppState {
     let reply_topic = config.topics.gateway_replies(&config.client_id);
     let options = fleet::mqtt_options(&config.client_id, &config.broker_host, config.broker_port);
     let (mqtt, eventloop) = AsyncClient::new(options, 1024);
+    let pending = Arc::new(Pending::default());
     tokio::spawn(fleet::drive_link(
         eventloop,
         mqtt.clone(),
         fleet.clone(),
+        pending.clone(),
         reply_topic.clone(),
         metrics.clone(),
     ));
-    AppState {
+    let state = AppState {
         fleet,
         metrics,
         mqtt,
         reply_topic,
+        pending,
+        command_timeout: config.command_timeout,
+        probe_timeout: config.probe_timeout,
+        api_token: config.api_token.as_deref().map(Arc::from),
+        limiter: Arc::new(RateLimiter::new(config.rate_limit, config.rate_burst)),
+    };
+    if let Some(interval) = config.probe_interval {
+        probe::spawn(state.clone(), interval);
     }
+    state
 }
 
 /// Serves the app on `listener` until `shutdown` completes.
@@ -112,9 +174,13 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The client address feeds the per-client rate limit.
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Binds `config.http_addr`, connects to the broker and serves until `shutdown`.

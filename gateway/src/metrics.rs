@@ -30,7 +30,28 @@ struct DurationLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabels {
     command: String,
+    /// Topic template, robot replaced by `+` (`fleet/+/cmd/drive`, `fleet/all/cmd/stop`).
+    topic: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RobotLabels {
+    robot: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    /// `true` for `?wait=true` requests, `false` for results seen on the bus.
+    wait: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+/// Per-robot series stop here; later robots share the `other` series.
+const MAX_ROBOT_SERIES: usize = 100;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
@@ -47,7 +68,13 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<DurationLabels, Histogram, fn() -> Histogram>,
     commands_published: Family<CommandLabels, Counter>,
+    robot_commands: Family<RobotLabels, Counter>,
     command_results: Family<ResultLabels, Counter>,
+    click_to_result: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    refused: Family<ReasonLabels, Counter>,
+    robot_up: Family<RobotLabels, Gauge>,
+    robot_probe_seconds: Family<RobotLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    robot_series: std::sync::Mutex<std::collections::HashSet<String>>,
     pub broker_connected: Gauge,
 }
 
@@ -72,8 +99,42 @@ impl Default for Metrics {
         let commands_published = Family::<CommandLabels, Counter>::default();
         registry.register(
             "fleet_gateway_commands_published",
-            "Commands published to the broker, by command",
+            "Commands published to the broker, by command and topic template",
             commands_published.clone(),
+        );
+        let robot_commands = Family::<RobotLabels, Counter>::default();
+        registry.register(
+            "fleet_gateway_robot_commands_published",
+            "Commands published to one robot, by robot (the first 100 robots; then other)",
+            robot_commands.clone(),
+        );
+        let click_to_result =
+            Family::<LatencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "fleet_gateway_click_to_result_seconds",
+            "Time from publishing a command to receiving its result",
+            click_to_result.clone(),
+        );
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "fleet_gateway_requests_refused",
+            "Control requests refused before publishing, by reason (unauthorized, rate_limited, overloaded)",
+            refused.clone(),
+        );
+        let robot_up = Family::<RobotLabels, Gauge>::default();
+        registry.register(
+            "fleet_robot_up",
+            "1 when the robot answered the last probe in time, else 0",
+            robot_up.clone(),
+        );
+        let robot_probe_seconds =
+            Family::<RobotLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "fleet_robot_probe_duration_seconds",
+            "How long the robot took to answer the last probe (the timeout when it did not)",
+            robot_probe_seconds.clone(),
         );
         let command_results = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -92,19 +153,70 @@ impl Default for Metrics {
             requests,
             request_duration,
             commands_published,
+            robot_commands,
             command_results,
+            click_to_result,
+            refused,
+            robot_up,
+            robot_probe_seconds,
+            robot_series: Default::default(),
             broker_connected,
         }
     }
 }
 
 impl Metrics {
-    pub fn record_command(&self, command: &str) {
+    pub fn record_command(&self, command: &str, topic_template: &str, robot: Option<&str>) {
         self.commands_published
             .get_or_create(&CommandLabels {
                 command: command.to_owned(),
+                topic: topic_template.to_owned(),
             })
             .inc();
+        if let Some(robot) = robot {
+            self.robot_commands
+                .get_or_create(&RobotLabels {
+                    robot: self.robot_label(robot),
+                })
+                .inc();
+        }
+    }
+
+    /// The robot's own label while there are few robots, `other` beyond that.
+    fn robot_label(&self, robot: &str) -> String {
+        let mut seen = self.robot_series.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(robot) || seen.len() < MAX_ROBOT_SERIES {
+            seen.insert(robot.to_owned());
+            robot.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
+    pub fn record_latency(&self, latency: std::time::Duration, waited: bool) {
+        self.click_to_result
+            .get_or_create(&LatencyLabels {
+                wait: waited.to_string(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    pub fn record_refusal(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_probe(&self, robot: &str, up: bool, took: std::time::Duration) {
+        let labels = RobotLabels {
+            robot: self.robot_label(robot),
+        };
+        self.robot_up.get_or_create(&labels).set(i64::from(up));
+        self.robot_probe_seconds
+            .get_or_create(&labels)
+            .set(took.as_secs_f64());
     }
 
     pub fn record_result(&self, status: &str) {

@@ -197,7 +197,7 @@ async fn an_http_command_moves_the_robot_with_trace_context_on_the_bus() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("fleet_gateway_commands_published_total{command=\"drive\"} 2"),
+        metrics.contains("fleet_gateway_commands_published_total{command=\"drive\",topic=\"fleet/+/cmd/drive\"} 2"),
         "{metrics}"
     );
     assert!(metrics.contains("http_requests_total{method=\"POST\",route=\"/api/robots/{robot}/commands/{command}\",status=\"202\"} 2"), "{metrics}");

@@ -10,7 +10,8 @@ use fleet_runtime::telemetry::{self, TelemetryConfig};
 use fleet_testkit::{OtlpReceiver, ReceivedSpan, Watcher, start_broker};
 use robot_node::{BrokerAddress, NodeConfig, RobotConfig, SimulatedDriver};
 
-#[tokio::test]
+// Multi-threaded: flushing blocks a thread while the receiver (on this runtime) answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_click_is_one_trace_from_http_to_the_driver() {
     let receiver = OtlpReceiver::start().await;
     let telemetry = telemetry::init_with(TelemetryConfig {

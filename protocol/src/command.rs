@@ -36,15 +36,18 @@ pub enum CommandKind {
     Eyes,
     Servo,
     Stop,
+    /// Does nothing but answer: how the gateway's prober sees that a robot is alive.
+    Ping,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 5] = [
+    pub const ALL: [CommandKind; 6] = [
         CommandKind::Drive,
         CommandKind::Speed,
         CommandKind::Eyes,
         CommandKind::Servo,
         CommandKind::Stop,
+        CommandKind::Ping,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl CommandKind {
             CommandKind::Eyes => "eyes",
             CommandKind::Servo => "servo",
             CommandKind::Stop => "stop",
+            CommandKind::Ping => "ping",
         }
     }
 }
@@ -72,7 +76,7 @@ impl FromStr for CommandKind {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| CommandError::InvalidValue {
                 field: "command",
-                expected: "one of drive, speed, eyes, servo, stop",
+                expected: "one of drive, speed, eyes, servo, stop, ping",
                 got: s.to_owned(),
             })
     }
@@ -167,6 +171,7 @@ pub enum Command {
     Eyes(EyesCommand),
     Servo(ServoTarget),
     Stop,
+    Ping,
 }
 
 impl Command {
@@ -177,6 +182,7 @@ impl Command {
             Command::Eyes(_) => CommandKind::Eyes,
             Command::Servo(_) => CommandKind::Servo,
             Command::Stop => CommandKind::Stop,
+            Command::Ping => CommandKind::Ping,
         }
     }
 }
@@ -254,7 +260,7 @@ impl CommandEnvelope {
                 insert_opt(&mut doc, "servo2", servos[1]);
                 doc
             }
-            Command::Stop => json!({}),
+            Command::Stop | Command::Ping => json!({}),
         };
         insert_opt(&mut doc, "id", self.id.clone());
         insert_opt(
@@ -330,6 +336,7 @@ fn parse_text(kind: CommandKind, text: &str) -> Result<Command, CommandError> {
     let words: Vec<&str> = text.split_whitespace().collect();
     match kind {
         CommandKind::Stop => Ok(Command::Stop),
+        CommandKind::Ping => Ok(Command::Ping),
         CommandKind::Drive => match words.as_slice() {
             [] => Err(CommandError::Empty {
                 expected: "a direction: forward, backward, left, right or stop",
@@ -512,7 +519,7 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
             &["servo1", "servo2", "preset"],
             "servo1, servo2, preset, id, traceparent, tracestate, deadline_ms",
         ),
-        CommandKind::Stop => (&[], "id, traceparent, tracestate, deadline_ms"),
+        CommandKind::Stop | CommandKind::Ping => (&[], "id, traceparent, tracestate, deadline_ms"),
     };
     if let Some(field) = doc
         .keys()
@@ -527,6 +534,7 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
 
     let command = match kind {
         CommandKind::Stop => Command::Stop,
+        CommandKind::Ping => Command::Ping,
         CommandKind::Drive => Command::Drive {
             direction: required_str(&doc, "direction")?.parse()?,
             speed: optional_int(&doc, "speed")?
@@ -922,6 +930,7 @@ mod tests {
             Command::Eyes(EyesCommand::Off),
             Command::Servo(ServoTarget([None, Some(-90)])),
             Command::Stop,
+            Command::Ping,
         ];
         for command in commands {
             let mut env = CommandEnvelope::new(command);

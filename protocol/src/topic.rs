@@ -29,7 +29,7 @@ pub enum TopicError {
     InvalidPrefix(String),
     #[error("topic {0:?} is not a command topic (<prefix>/<robot>/cmd/<command>)")]
     NotACommandTopic(String),
-    #[error("unknown command {0:?} (expected drive, speed, eyes, servo or stop)")]
+    #[error("unknown command {0:?} (expected drive, speed, eyes, servo, stop or ping)")]
     UnknownCommand(String),
 }
 

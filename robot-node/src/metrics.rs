@@ -104,7 +104,7 @@ impl NodeMetrics {
 
     /// How many commands ended with `result` ("ok" or "error"), over every topic.
     pub fn commands_total(&self, result: &str) -> u64 {
-        let commands = ["drive", "speed", "eyes", "servo", "stop", "other"];
+        let commands = ["drive", "speed", "eyes", "servo", "stop", "ping", "other"];
         ["+", "all"]
             .iter()
             .flat_map(|target| commands.iter().map(move |c| format!("{target}/cmd/{c}")))

@@ -436,7 +436,9 @@ impl Node {
             }
         };
         let known_kind = command_name.parse::<CommandKind>().ok();
-        if let Some(kind) = known_kind {
+        // A ping (the gateway's prober) changes nothing, so it is not the "last command".
+        let changes_state = known_kind.is_some_and(|k| k != CommandKind::Ping);
+        if let Some(kind) = known_kind.filter(|_| changes_state) {
             self.robot.record_last_command(LastCommand {
                 id,
                 command: kind,
@@ -452,7 +454,9 @@ impl Node {
             properties.response_topic,
             properties.correlation_data,
         );
-        self.publish_state();
+        if changes_state {
+            self.publish_state();
+        }
         let label = known_kind.map_or("other", CommandKind::as_str);
         self.metrics
             .record_command(fleet_wide, label, outcome.is_ok(), received.elapsed());

@@ -145,6 +145,7 @@ impl Robot {
     ) -> Result<Timers, CommandFailure> {
         let now = Instant::now();
         match *command {
+            Command::Ping => Ok(Timers::default()),
             Command::Stop => {
                 let motors = self.stop_motors();
                 let eye = self.set_eye(false);

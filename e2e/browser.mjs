@@ -61,6 +61,35 @@ try {
   await page.mouse.up();
   console.log("browser: leaving a held button stops the robot");
 
+  // Sliders: servo 1 to 45° with a live readout, then the 30 % speed preset.
+  await page.locator("[data-robot=linus] [data-servo='1']").fill("45");
+  await page.waitForFunction(() => document.querySelector("[data-robot=linus] .servo-controls output")?.textContent === "45°");
+  await page.waitForFunction(() => document.querySelector("[data-robot=linus] dd.servos")?.textContent.startsWith("45°"), null, { timeout: 5000 });
+  await page.click("[data-robot=linus] [data-speed-preset='30']");
+  await page.waitForFunction(() => document.querySelector("[data-robot=linus] dd.motors")?.textContent === "stopped @3, stopped @3", null, { timeout: 5000 });
+  if (!(await page.locator("[data-robot=linus] .servo-controls").isVisible())) throw new Error("linus's servo sliders are hidden");
+  if (!(await page.locator("[data-robot=torvalds] .servo-controls").isHidden())) throw new Error("torvalds has no servos, yet the page shows servo sliders");
+  if (!(await page.locator("[data-robot=torvalds] .speed-controls").isHidden())) throw new Error("torvalds has no speed control, yet the page shows speed sliders");
+  console.log("browser: servo slider and speed preset reach linus");
+
+  // Keyboard: select torvalds, hold the up arrow, release; D; space stops a long drive.
+  await page.click("[data-robot=torvalds] h2");
+  await page.keyboard.down("ArrowUp");
+  await waitForMotion(page, "torvalds", "forward");
+  await page.waitForTimeout(HOLD_LONGER_THAN_DEAD_MAN_MS);
+  if ((await motionOf(page, "torvalds")) !== "forward") throw new Error("torvalds stopped while the key was held");
+  await page.keyboard.up("ArrowUp");
+  await waitForMotion(page, "torvalds", "stop");
+  await page.keyboard.down("d");
+  await waitForMotion(page, "torvalds", "right");
+  await page.keyboard.up("d");
+  await waitForMotion(page, "torvalds", "stop");
+  await page.evaluate(() => fetch("/api/robots/torvalds/commands/drive", { method: "POST", body: '{"direction":"backward","hold_ms":5000}' }));
+  await waitForMotion(page, "torvalds", "backward");
+  await page.keyboard.press("Space");
+  await waitForMotion(page, "torvalds", "stop");
+  console.log("browser: keyboard drives the selected robot; space stops it");
+
   await page.screenshot({ path: `${artifacts}/ui.png`, fullPage: true });
 } catch (error) {
   console.error(`browser: ${error.stack ?? error}`);

@@ -567,3 +567,56 @@ async fn a_token_guards_control_and_clients_are_rate_limited() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn the_live_stream_sends_a_snapshot_then_every_change() {
+    let fleet = start(|_| {}).await;
+    let mut stream = fleet
+        .http
+        .get(format!("{}/api/events", fleet.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut received = String::new();
+    let mut next_event = async |received: &mut String, kind: &str| -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            // Events are separated by a blank line: "event: <kind>\ndata: <json>\n\n".
+            if let Some(end) = received.find("\n\n") {
+                let event: String = received.drain(..end + 2).collect();
+                let data = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .unwrap_or("null");
+                if event.lines().any(|l| l == format!("event: {kind}")) {
+                    return serde_json::from_str(data).unwrap();
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout_at(deadline, stream.chunk())
+                .await
+                .expect("an event in time");
+            received.push_str(&String::from_utf8_lossy(
+                &chunk.unwrap().expect("stream open"),
+            ));
+        }
+    };
+    let snapshot = next_event(&mut received, "snapshot").await;
+    assert_eq!(snapshot["broker_connected"], true);
+    assert_eq!(snapshot["robots"].as_array().unwrap().len(), 3);
+
+    let (status, _) = fleet
+        .call("POST", "/api/robots/torvalds/commands/drive", "south")
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    loop {
+        let update = next_event(&mut received, "update").await;
+        if update["type"] == "state"
+            && update["robot"] == "torvalds"
+            && update["data"]["motion"] == "backward"
+        {
+            break;
+        }
+    }
+}

@@ -38,7 +38,10 @@ async fn main() -> anyhow::Result<()> {
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
         ws_addr: Some(args.ws_addr),
-        topics: topics.clone(),
+        topics: fleet_broker::acl::AclTopics {
+            fleet: topics.clone(),
+            ..Default::default()
+        },
         ..BrokerConfig::default()
     })
     .await

@@ -4,20 +4,28 @@
 //! A publish check refuses what would hurt the fleet: retained commands (they would
 //! re-fire on every reconnect) and topic names with wildcards or NUL, which rmqtt accepts.
 
+pub mod acl;
+pub mod auth;
+pub mod http;
+pub mod metrics;
+
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fleet_protocol::Topics;
+use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::types::PublishAclResult;
+use rmqtt::types::{AuthResult, PublishAclResult, SubscribeAclResult};
 use tokio::task::JoinHandle;
+
+use crate::acl::{AclTopics, Role};
+use crate::auth::{Users, Verdict};
+use crate::metrics::BrokerMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -26,6 +34,14 @@ pub enum BrokerError {
         addr: SocketAddr,
         #[source]
         source: rmqtt::Error,
+    },
+    #[error("anonymous access is off and there is no users file: nobody could connect")]
+    NobodyCanConnect,
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot register the rmqtt plugin {plugin}: {source}")]
     Plugin {
@@ -42,10 +58,18 @@ pub struct BrokerConfig {
     pub mqtt_addr: SocketAddr,
     /// MQTT over websockets on `/mqtt`; off when `None`.
     pub ws_addr: Option<SocketAddr>,
-    pub topics: Topics,
-    /// Whether clients may connect without credentials. Authentication is issue 5's
-    /// work; until then only bind it to loopback or a trusted network.
+    pub topics: AclTopics,
+    /// Users with argon2 password hashes and roles; `None` turns authentication off
+    /// (then every client is anonymous).
+    pub users: Option<Arc<Users>>,
+    /// Whether clients may connect without a username.
     pub allow_anonymous: bool,
+    /// What anonymous clients may do.
+    pub anonymous_role: Role,
+    /// Where to serve `/metrics` and `/health`; off when `None`.
+    pub http_addr: Option<SocketAddr>,
+    /// Most clients connected at once per listener.
+    pub max_connections: usize,
     /// Unacknowledged QoS 1/2 messages per client. rmqtt's default (16) disconnects a
     /// 3.1.1 client that pipelines more QoS 2 publishes.
     pub max_inflight: NonZeroU16,
@@ -59,8 +83,12 @@ impl Default for BrokerConfig {
         Self {
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
             ws_addr: None,
-            topics: Topics::default(),
+            topics: AclTopics::default(),
+            users: None,
             allow_anonymous: true,
+            anonymous_role: Role::Admin,
+            http_addr: None,
+            max_connections: 100_000,
             max_inflight: NonZeroU16::new(1024).unwrap_or(NonZeroU16::MIN),
             max_queue_len: 10_000,
             max_packet_size: 1024 * 1024,
@@ -68,18 +96,12 @@ impl Default for BrokerConfig {
     }
 }
 
-/// Counters kept by the fleet's hooks; exported as Prometheus metrics in issue 5.
-#[derive(Debug, Default)]
-pub struct BrokerCounters {
-    pub publishes_refused: AtomicU64,
-    pub messages_dropped: AtomicU64,
-}
-
 /// A running broker. Dropping it does not stop it; call [`RunningBroker::stop`].
 pub struct RunningBroker {
     mqtt_addr: SocketAddr,
     ws_addr: Option<SocketAddr>,
-    counters: Arc<BrokerCounters>,
+    http_addr: Option<SocketAddr>,
+    metrics: Arc<BrokerMetrics>,
     task: JoinHandle<()>,
 }
 
@@ -93,8 +115,13 @@ impl RunningBroker {
         self.ws_addr
     }
 
-    pub fn counters(&self) -> &Arc<BrokerCounters> {
-        &self.counters
+    /// The bound metrics address (the real port when configured with port 0).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<BrokerMetrics> {
+        &self.metrics
     }
 
     /// Stops accepting connections. Established connections end with the runtime.
@@ -114,6 +141,9 @@ const WS_LISTENER_ID: u16 = 2;
 
 /// Binds the listeners and starts the broker on the current tokio runtime.
 pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    if !config.allow_anonymous && config.users.is_none() {
+        return Err(BrokerError::NobodyCanConnect);
+    }
     // Retained messages live in memory and never expire on their own: state, status and
     // discovery must stay until their owner replaces or clears them.
     let scx = ServerContext::new()
@@ -139,17 +169,39 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
             source,
         })?;
 
-    let counters = Arc::new(BrokerCounters::default());
+    let metrics = Arc::new(BrokerMetrics::new(config.topics.clone()));
     let register = scx.extends.hook_mgr().register();
-    let guard = FleetGuard {
+    let hooks = FleetHooks {
         topics: config.topics.clone(),
-        counters: counters.clone(),
+        users: config.users.clone(),
+        allow_anonymous: config.allow_anonymous,
+        anonymous_role: config.anonymous_role,
+        metrics: metrics.clone(),
     };
-    register
-        .add(Type::MessagePublishCheckAcl, Box::new(guard.clone()))
-        .await;
-    register.add(Type::MessageDropped, Box::new(guard)).await;
+    for hook in [
+        Type::ClientAuthenticate,
+        Type::ClientSubscribeCheckAcl,
+        Type::MessagePublishCheckAcl,
+        Type::MessageDelivered,
+        Type::MessageDropped,
+        Type::ClientConnected,
+        Type::ClientDisconnected,
+    ] {
+        register.add(hook, Box::new(hooks.clone())).await;
+    }
     register.start().await;
+
+    let http_addr = match config.http_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| BrokerError::Http { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            tokio::spawn(http::serve(listener, metrics.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
 
     let tcp = listener(&config, "fleet/tcp", config.mqtt_addr)
         .bind()
@@ -181,7 +233,8 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     Ok(RunningBroker {
         mqtt_addr,
         ws_addr,
-        counters,
+        http_addr,
+        metrics,
         task,
     })
 }
@@ -192,7 +245,10 @@ fn listener(config: &BrokerConfig, name: &str, addr: SocketAddr) -> Builder {
         .laddr(addr)
         // A restarted broker must be able to bind while old connections sit in TIME_WAIT.
         .reuseaddr(Some(true))
-        .allow_anonymous(config.allow_anonymous)
+        // With authentication on, rmqtt must ask the fleet's hook about every client
+        // (it skips the hook for clients without a username when anonymous is allowed).
+        .allow_anonymous(config.users.is_none())
+        .max_connections(config.max_connections)
         .max_inflight(config.max_inflight)
         .max_mqueue_len(config.max_queue_len)
         .max_packet_size(config.max_packet_size)
@@ -201,48 +257,178 @@ fn listener(config: &BrokerConfig, name: &str, addr: SocketAddr) -> Builder {
         .message_expiry_interval(Duration::ZERO)
 }
 
-/// The fleet's own publish rules, and the count of what rmqtt drops.
+/// The fleet's rules in rmqtt's hooks: authentication, the ACL, the publish rules rmqtt
+/// lacks, and the counts behind the metrics.
 #[derive(Clone)]
-struct FleetGuard {
-    topics: Topics,
-    counters: Arc<BrokerCounters>,
+struct FleetHooks {
+    topics: AclTopics,
+    users: Option<Arc<Users>>,
+    allow_anonymous: bool,
+    anonymous_role: Role,
+    metrics: Arc<BrokerMetrics>,
 }
 
-impl FleetGuard {
-    fn refusal(&self, topic: &str, retain: bool) -> Option<&'static str> {
-        if topic.contains(['+', '#', '\0']) {
-            Some("topic names must not contain '+', '#' or NUL")
-        } else if retain && self.topics.is_command_topic(topic) {
-            Some("commands must not be retained: a retained command re-fires on every reconnect")
+impl FleetHooks {
+    /// The role of a connected client (it passed authentication already).
+    fn role_of(&self, username: Option<&str>) -> Option<Role> {
+        match (&self.users, username) {
+            (Some(users), Some(name)) => users.role_of(name),
+            _ => self.allow_anonymous.then_some(self.anonymous_role),
+        }
+    }
+
+    fn refusal(&self, topic: &str, retain: bool) -> Option<(&'static str, &'static str)> {
+        if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+            Some((
+                "invalid_topic",
+                "topic names must not be empty or contain '+', '#' or NUL",
+            ))
+        } else if retain && self.topics.fleet.is_command_topic(topic) {
+            Some((
+                "retained_command",
+                "commands must not be retained: a retained command re-fires on every reconnect",
+            ))
         } else {
             None
         }
     }
+
+    async fn authenticate(
+        &self,
+        username: Option<String>,
+        password: Option<Vec<u8>>,
+    ) -> AuthResult {
+        let Some(users) = self.users.clone() else {
+            return AuthResult::Allow(false, None);
+        };
+        let Some(username) = username else {
+            if self.allow_anonymous {
+                return AuthResult::Allow(false, None);
+            }
+            self.metrics.record_auth_failure("anonymous");
+            tracing::warn!("refused a client without credentials (anonymous access is off)");
+            return AuthResult::NotAuthorized;
+        };
+        let password = password.unwrap_or_default();
+        let name = username.clone();
+        // argon2 takes tens of milliseconds on a cache miss: off the async threads.
+        let verdict = tokio::task::spawn_blocking(move || users.verify(&name, &password))
+            .await
+            .unwrap_or(Verdict::BadCredentials);
+        match verdict {
+            Verdict::Allowed(_) => AuthResult::Allow(false, None),
+            Verdict::BadCredentials => {
+                self.metrics.record_auth_failure("bad_credentials");
+                tracing::warn!(%username, "refused a client: bad username or password");
+                AuthResult::BadUsernameOrPassword
+            }
+        }
+    }
+}
+
+fn username(session: &rmqtt::session::Session) -> Option<&str> {
+    session.id.username.as_deref()
 }
 
 #[async_trait]
-impl Handler for FleetGuard {
+impl Handler for FleetHooks {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
+            Parameter::ClientAuthenticate(info) => {
+                let username = info.username().map(|u| u.to_string());
+                let password = info.password().map(|p| p.to_vec());
+                let result = self.authenticate(username, password).await;
+                (false, Some(HookResult::AuthResult(result)))
+            }
+            Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
+                let filter = subscribe.topic_filter.to_string();
+                let user = username(session);
+                let allowed = self.role_of(user).is_some_and(|role| {
+                    self.topics
+                        .may_subscribe(role, user.unwrap_or_default(), &filter)
+                });
+                if allowed {
+                    return (true, acc);
+                }
+                self.metrics.record_acl_denial("subscribe");
+                tracing::warn!(client = %session.id.client_id, user = user.unwrap_or("(anonymous)"), %filter, "subscription refused by the ACL");
+                let denied = SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
+                (false, Some(HookResult::SubscribeAclResult(denied)))
+            }
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                if let Some(reason) = self.refusal(&publish.topic, publish.retain) {
-                    self.counters
-                        .publishes_refused
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(client = %session.id, topic = %publish.topic.escape_debug(), reason, "publish refused");
-                    let result = PublishAclResult::rejected(false, Some(reason.into()));
+                let topic: &str = &publish.topic;
+                let user = username(session);
+                let refusal = self.refusal(topic, publish.retain).or_else(|| {
+                    let allowed = self.role_of(user).is_some_and(|role| {
+                        self.topics
+                            .may_publish(role, user.unwrap_or_default(), topic)
+                    });
+                    (!allowed).then_some(("acl", "not allowed to publish to this topic"))
+                });
+                if let Some((reason, text)) = refusal {
+                    if reason == "acl" {
+                        self.metrics.record_acl_denial("publish");
+                    } else {
+                        self.metrics.record_refused(reason);
+                    }
+                    tracing::warn!(client = %session.id.client_id, user = user.unwrap_or("(anonymous)"), topic = %topic.escape_debug(), reason = text, "publish refused");
+                    let result = PublishAclResult::rejected(false, Some(text.into()));
                     return (false, Some(HookResult::PublishAclResult(result)));
+                }
+                self.metrics
+                    .record_received(topic, publish.retain, publish.payload.is_empty());
+                if self.topics.fleet.is_command_topic(topic) {
+                    // Follow a click through the broker's log by its trace id.
+                    let traceparent = publish.properties.as_ref().and_then(|p| {
+                        p.user_properties
+                            .iter()
+                            .find(|(k, _)| &**k == "traceparent")
+                            .map(|(_, v)| v.to_string())
+                    });
+                    tracing::debug!(client = %session.id.client_id, %topic, traceparent = traceparent.as_deref().unwrap_or("-"), "command");
                 }
                 (true, acc)
             }
+            Parameter::MessageDelivered(_, _, publish) => {
+                self.metrics.record_delivered(&publish.topic);
+                (true, acc)
+            }
             Parameter::MessageDropped(to, from, publish, reason) => {
-                self.counters
-                    .messages_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(?to, ?from, topic = %publish.topic, %reason, "message dropped");
+                let kind = drop_reason(reason);
+                self.metrics.record_dropped(kind);
+                tracing::warn!(?to, ?from, topic = %publish.topic, reason = kind, "message dropped");
+                (true, acc)
+            }
+            Parameter::ClientConnected(_) => {
+                self.metrics.connects.inc();
+                self.metrics.connections.inc();
+                (true, acc)
+            }
+            Parameter::ClientDisconnected(_, _) => {
+                self.metrics.disconnects.inc();
+                self.metrics.connections.dec();
                 (true, acc)
             }
             _ => (true, acc),
         }
+    }
+}
+
+/// A bounded label for why rmqtt dropped a message.
+fn drop_reason(reason: &rmqtt::types::Reason) -> &'static str {
+    use rmqtt::types::Reason;
+    match reason {
+        Reason::MessageQueueFull => "queue_full",
+        Reason::InflightWindowFull => "inflight_full",
+        Reason::MessageExpiration => "expired",
+        Reason::SessionExpiration => "session_expired",
+        Reason::PublishResult(_) | Reason::DelayedPublishRefused => "refused",
+        Reason::ConnectDisconnect(_)
+        | Reason::ConnectRemoteClose
+        | Reason::ConnectReadWriteError
+        | Reason::ConnectReadWriteTimeout
+        | Reason::ConnectKeepaliveTimeout
+        | Reason::ConnectKicked(_) => "disconnected",
+        _ => "other",
     }
 }

@@ -57,6 +57,12 @@ pub struct GatewayArgs {
     /// How long a probe waits for a robot's answer before counting it down, in ms
     #[arg(long, env = "FLEET_PROBE_TIMEOUT_MS", default_value_t = 2000)]
     pub probe_timeout_ms: u64,
+    /// MQTT username, for brokers with authentication
+    #[arg(long, env = "FLEET_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    /// MQTT password
+    #[arg(long, env = "FLEET_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<String>,
 }
 
 /// Everything the gateway needs to start.
@@ -78,6 +84,8 @@ pub struct GatewayConfig {
     /// `None` turns the background prober off (`GET /api/probe` still works).
     pub probe_interval: Option<Duration>,
     pub probe_timeout: Duration,
+    /// MQTT username and password, when the broker wants them.
+    pub credentials: Option<(String, String)>,
 }
 
 impl GatewayConfig {
@@ -98,6 +106,7 @@ impl GatewayConfig {
             probe_interval: (args.probe_interval_s > 0)
                 .then(|| Duration::from_secs(args.probe_interval_s)),
             probe_timeout: Duration::from_millis(args.probe_timeout_ms.max(1)),
+            credentials: args.mqtt_username.clone().zip(args.mqtt_password.clone()),
             ..Self::new(broker_host, broker_port)
         }
     }
@@ -116,6 +125,7 @@ impl GatewayConfig {
             rate_burst: 100,
             probe_interval: Some(Duration::from_secs(15)),
             probe_timeout: Duration::from_secs(2),
+            credentials: None,
         }
     }
 }
@@ -140,7 +150,11 @@ pub fn connect(config: &GatewayConfig) -> AppState {
     let fleet = Arc::new(Fleet::new(config.topics.clone(), &config.robots));
     let metrics = Arc::new(Metrics::default());
     let reply_topic = config.topics.gateway_replies(&config.client_id);
-    let options = fleet::mqtt_options(&config.client_id, &config.broker_host, config.broker_port);
+    let mut options =
+        fleet::mqtt_options(&config.client_id, &config.broker_host, config.broker_port);
+    if let Some((username, password)) = &config.credentials {
+        options.set_credentials(username.clone(), password.clone());
+    }
     let (mqtt, eventloop) = AsyncClient::new(options, 1024);
     let pending = Arc::new(Pending::default());
     tokio::spawn(fleet::drive_link(

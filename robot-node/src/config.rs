@@ -255,6 +255,9 @@ pub struct NodeConfig {
     pub session_expiry: Duration,
     /// How often the node republishes its state (with `last_seen_ms`) while idle.
     pub heartbeat: Duration,
+    /// MQTT username and password, when the broker wants them (the username is the
+    /// robot id: the broker's ACL is templated by it).
+    pub credentials: Option<(String, String)>,
 }
 
 impl NodeConfig {
@@ -270,6 +273,7 @@ impl NodeConfig {
             keep_alive: Duration::from_secs(5),
             session_expiry: Duration::from_secs(300),
             heartbeat: Duration::from_secs(30),
+            credentials: None,
         }
     }
 }

@@ -100,6 +100,9 @@ fn mqtt_options(config: &NodeConfig) -> MqttOptions {
         config.broker.port,
     );
     options.set_keep_alive(config.keep_alive);
+    if let Some((username, password)) = &config.credentials {
+        options.set_credentials(username.clone(), password.clone());
+    }
     // A persistent session: QoS 1 commands sent while the node was briefly away are
     // delivered when it returns (stale ones are refused by their deadline or expiry).
     options.set_clean_start(false);

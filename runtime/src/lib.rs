@@ -1,6 +1,7 @@
 //! What every fleet binary shares: logging, shutdown signals, `host:port` parsing and
 //! process metrics.
 
+pub mod config;
 pub mod process;
 pub mod telemetry;
 

@@ -73,6 +73,9 @@ struct Args {
     /// Where to serve /metrics and /health; "off" to disable
     #[arg(long, env = "FLEET_METRICS_ADDR", default_value = "127.0.0.1:9102")]
     metrics_addr: String,
+    /// MQTT password (the username is the robot id); for brokers with authentication
+    #[arg(long, env = "FLEET_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
     /// Run N simulated robots named <robot>-1 .. <robot>-N in this process (load tests)
     #[arg(long, env = "FLEET_SIMULATE")]
     simulate: Option<u32>,
@@ -206,6 +209,9 @@ async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
         .max(1),
     );
     config.session_expiry = Duration::from_secs(args.session_expiry_s);
+    if let Some(password) = args.mqtt_password.clone() {
+        config.credentials = Some((config.robot.id.to_string(), password));
+    }
     if let Some(client_id) = args.client_id.or(settings.client_id) {
         config.client_id = client_id;
     }
@@ -262,6 +268,9 @@ async fn run_simulated(
         let id = RobotId::new(format!("{}-{i}", template.robot.id))?;
         let mut config = template.clone();
         config.client_id = format!("robot-{id}");
+        if let Some((_, password)) = &template.credentials {
+            config.credentials = Some((id.to_string(), password.clone()));
+        }
         config.robot.id = id.clone();
         let driver = Box::new(SimulatedDriver::new(id.to_string()));
         nodes.push(robot_node::spawn(config, driver, metrics.clone()));

@@ -1,0 +1,216 @@
+//! Who may publish and subscribe to what. Pure rules over topic names and filters, so the
+//! whole matrix is unit-tested; the broker's hooks only look up the client's role.
+
+use std::fmt;
+use std::str::FromStr;
+
+use fleet_protocol::Topics;
+
+/// What a user is for. Templated by username: a robot's username is its robot id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything (operators, the all-in-one default for anonymous loopback clients).
+    Admin,
+    /// The gateway, Home Assistant: send commands, read everything of the fleet.
+    Controller,
+    /// A robot node: its own commands in, its own topics, replies and discovery out.
+    Robot,
+    /// Dashboards: read only.
+    Reader,
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "controller" => Ok(Role::Controller),
+            "robot" => Ok(Role::Robot),
+            "reader" => Ok(Role::Reader),
+            other => Err(format!(
+                "unknown role {other:?} (expected admin, controller, robot or reader)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Admin => "admin",
+            Role::Controller => "controller",
+            Role::Robot => "robot",
+            Role::Reader => "reader",
+        })
+    }
+}
+
+/// The topic trees the rules talk about.
+#[derive(Debug, Clone)]
+pub struct AclTopics {
+    pub fleet: Topics,
+    /// Home Assistant's discovery prefix (default `homeassistant`).
+    pub discovery_prefix: String,
+}
+
+impl Default for AclTopics {
+    fn default() -> Self {
+        Self {
+            fleet: Topics::default(),
+            discovery_prefix: "homeassistant".to_owned(),
+        }
+    }
+}
+
+/// Whether every topic `filter` can match is also matched by `allowed` (both MQTT
+/// filters). `fleet/linus/cmd/+` is within `fleet/linus/cmd/#`; `fleet/+/cmd/+` is not
+/// within `fleet/linus/cmd/#`.
+pub fn filter_within(filter: &str, allowed: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut a = allowed.split('/');
+    loop {
+        match (f.next(), a.next()) {
+            (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some(fl), Some("+")) => {
+                if fl == "#" {
+                    return false;
+                }
+            }
+            (Some(fl), Some(al)) => {
+                if fl != al {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// Whether `topic` (a topic name, no wildcards) matches the filter `allowed`.
+pub fn topic_matches(topic: &str, allowed: &str) -> bool {
+    !topic.contains(['+', '#']) && filter_within(topic, allowed)
+}
+
+impl AclTopics {
+    fn prefix(&self) -> &str {
+        self.fleet.prefix().as_str()
+    }
+
+    /// Filters a user may subscribe within.
+    fn subscribe_scopes(&self, role: Role, username: &str) -> Vec<String> {
+        let (p, d) = (self.prefix(), &self.discovery_prefix);
+        match role {
+            Role::Admin => vec!["#".to_owned()],
+            Role::Controller | Role::Reader => vec![format!("{p}/#"), format!("{d}/#")],
+            Role::Robot => vec![
+                format!("{p}/{username}/cmd/#"),
+                format!("{p}/all/cmd/#"),
+                // Home Assistant's birth message, to re-publish discovery.
+                format!("{d}/status"),
+            ],
+        }
+    }
+
+    /// Topics a user may publish to (as filters).
+    fn publish_scopes(&self, role: Role, username: &str) -> Vec<String> {
+        let (p, d) = (self.prefix(), &self.discovery_prefix);
+        match role {
+            Role::Admin => vec!["#".to_owned()],
+            Role::Controller => vec![format!("{p}/+/cmd/+"), format!("{d}/status")],
+            Role::Reader => Vec::new(),
+            Role::Robot => vec![
+                format!("{p}/{username}/state"),
+                format!("{p}/{username}/status"),
+                format!("{p}/{username}/result"),
+                // Results for MQTT 5 senders that asked for them on their reply topic.
+                format!("{p}/_gateway/+/result"),
+                format!("{d}/#"),
+            ],
+        }
+    }
+
+    pub fn may_subscribe(&self, role: Role, username: &str, filter: &str) -> bool {
+        // A shared subscription is judged by the filter it shares.
+        let filter = match filter.strip_prefix("$share/") {
+            Some(rest) => rest.split_once('/').map(|(_, f)| f).unwrap_or(""),
+            None => filter,
+        };
+        self.subscribe_scopes(role, username)
+            .iter()
+            .any(|scope| filter_within(filter, scope))
+    }
+
+    pub fn may_publish(&self, role: Role, username: &str, topic: &str) -> bool {
+        self.publish_scopes(role, username)
+            .iter()
+            .any(|scope| topic_matches(topic, scope))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_within_filters() {
+        assert!(filter_within("fleet/linus/cmd/+", "fleet/linus/cmd/#"));
+        assert!(filter_within("fleet/linus/cmd/drive", "fleet/linus/cmd/#"));
+        assert!(filter_within("fleet/linus/cmd", "fleet/linus/cmd/#"));
+        assert!(filter_within("fleet/linus/cmd/#", "fleet/linus/cmd/#"));
+        assert!(!filter_within("fleet/+/cmd/+", "fleet/linus/cmd/#"));
+        assert!(!filter_within("fleet/#", "fleet/linus/cmd/#"));
+        assert!(!filter_within("#", "fleet/#"));
+        assert!(filter_within("fleet/+/state", "fleet/+/state"));
+        assert!(!filter_within("fleet/#", "fleet/+/state"));
+        assert!(!filter_within("fleet/linus/state/x", "fleet/+/state"));
+        assert!(filter_within("anything/at/all", "#"));
+    }
+
+    #[test]
+    fn the_robot_matrix() {
+        let acl = AclTopics::default();
+        let r = Role::Robot;
+        assert!(acl.may_subscribe(r, "linus", "fleet/linus/cmd/+"));
+        assert!(acl.may_subscribe(r, "linus", "fleet/all/cmd/+"));
+        assert!(acl.may_subscribe(r, "linus", "homeassistant/status"));
+        assert!(
+            !acl.may_subscribe(r, "linus", "fleet/torvalds/cmd/+"),
+            "cannot read another robot's commands"
+        );
+        assert!(!acl.may_subscribe(r, "linus", "fleet/+/cmd/+"));
+        assert!(!acl.may_subscribe(r, "linus", "fleet/#"));
+        assert!(!acl.may_subscribe(r, "linus", "#"));
+        assert!(!acl.may_subscribe(r, "linus", "$share/g/fleet/torvalds/cmd/+"));
+        assert!(acl.may_publish(r, "linus", "fleet/linus/state"));
+        assert!(acl.may_publish(r, "linus", "fleet/linus/result"));
+        assert!(acl.may_publish(r, "linus", "fleet/_gateway/gw-1/result"));
+        assert!(acl.may_publish(r, "linus", "homeassistant/device/linus/config"));
+        assert!(
+            !acl.may_publish(r, "linus", "fleet/torvalds/state"),
+            "cannot speak for another robot"
+        );
+        assert!(
+            !acl.may_publish(r, "linus", "fleet/torvalds/cmd/drive"),
+            "cannot command another robot"
+        );
+        assert!(!acl.may_publish(r, "linus", "fleet/all/cmd/stop"));
+    }
+
+    #[test]
+    fn controllers_readers_and_admins() {
+        let acl = AclTopics::default();
+        assert!(acl.may_publish(Role::Controller, "gateway", "fleet/linus/cmd/drive"));
+        assert!(acl.may_publish(Role::Controller, "gateway", "fleet/all/cmd/stop"));
+        assert!(
+            !acl.may_publish(Role::Controller, "gateway", "fleet/linus/state"),
+            "cannot fake a robot"
+        );
+        assert!(acl.may_subscribe(Role::Controller, "gateway", "fleet/#"));
+        assert!(acl.may_subscribe(Role::Reader, "grafana", "fleet/+/state"));
+        assert!(!acl.may_publish(Role::Reader, "grafana", "fleet/linus/cmd/drive"));
+        assert!(!acl.may_subscribe(Role::Reader, "grafana", "#"));
+        assert!(acl.may_subscribe(Role::Admin, "root", "#"));
+        assert!(acl.may_publish(Role::Admin, "root", "anything/else"));
+    }
+}

@@ -1,0 +1,190 @@
+//! What the broker drops is counted, per-topic counters stay bounded at fleet scale, and
+//! websocket clients share the topics of TCP clients.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use fleet_broker::BrokerConfig;
+use fleet_testkit::{WAIT, Watcher};
+use rumqttc::v5;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+async fn metrics_text(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn messages_dropped_for_a_stuck_subscriber_are_counted() {
+    let broker = fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        http_addr: Some(loopback()),
+        max_inflight: NonZeroU16::MIN,
+        max_queue_len: 5,
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+
+    // A 3.1.1 subscriber that subscribes at QoS 1 and then never reads or acknowledges.
+    let mut stuck = tokio::net::TcpStream::connect(broker.mqtt_addr())
+        .await
+        .unwrap();
+    stuck
+        .write_all(&[
+            0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5, b's', b't', b'u', b'c',
+            b'k',
+        ])
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    stuck.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let topic = b"fleet/linus/state";
+    let mut subscribe = vec![
+        0x82,
+        (2 + 2 + topic.len() + 1) as u8,
+        0,
+        1,
+        0,
+        topic.len() as u8,
+    ];
+    subscribe.extend_from_slice(topic);
+    subscribe.push(1);
+    stuck.write_all(&subscribe).await.unwrap();
+    let mut suback = [0u8; 5];
+    stuck.read_exact(&mut suback).await.unwrap();
+    assert_eq!(suback[0], 0x90);
+
+    let publisher = Watcher::v5(broker.mqtt_addr(), "publisher", "nothing/#").await;
+    for i in 0..100 {
+        publisher
+            .publish("fleet/linus/state", format!("{{\"n\":{i}}}"))
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = metrics_text(broker.http_addr().unwrap()).await;
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.starts_with("fleet_broker_messages_dropped_total{reason=\"queue_full\"}"))
+        {
+            let dropped: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(dropped >= 90, "{line}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no drops counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn per_topic_counters_stay_bounded_for_10000_robots() {
+    let broker = fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        http_addr: Some(loopback()),
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/+/status").await;
+    let options = v5::MqttOptions::new("many", "127.0.0.1", broker.mqtt_addr().port());
+    let (client, mut eventloop) = v5::AsyncClient::new(options, 20_000);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    for i in 0..10_000 {
+        client
+            .publish(
+                format!("fleet/robot-{i}/status"),
+                v5::mqttbytes::QoS::AtMostOnce,
+                false,
+                "online",
+            )
+            .await
+            .unwrap();
+    }
+    watcher
+        .wait_for("the last robot", |m| m.topic == "fleet/robot-9999/status")
+        .await;
+    let text = metrics_text(broker.http_addr().unwrap()).await;
+    let received: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("fleet_broker_messages_received_total{"))
+        .collect();
+    assert_eq!(
+        received,
+        ["fleet_broker_messages_received_total{topic=\"fleet/+/status\"} 10000"]
+    );
+    let delivered: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("fleet_broker_messages_delivered_total{"))
+        .collect();
+    assert_eq!(
+        delivered,
+        ["fleet_broker_messages_delivered_total{topic=\"fleet/+/status\"} 10000"]
+    );
+}
+
+#[tokio::test]
+async fn websocket_clients_meet_tcp_clients_on_the_same_topics() {
+    let broker = fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        ws_addr: Some(loopback()),
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+    let tcp = Watcher::v311(broker.mqtt_addr(), "tcp", "fleet/#").await;
+    let ws = broker.ws_addr().unwrap();
+    let mut options = v5::MqttOptions::new("browser", format!("ws://{ws}/mqtt"), ws.port());
+    options.set_transport(rumqttc::Transport::Ws);
+    let (client, mut eventloop) = v5::AsyncClient::new(options, 10);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let v5::Event::Incoming(packet) = event {
+                let _ = tx.send(packet);
+            }
+        }
+    });
+    client
+        .subscribe("fleet/linus/state", v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .publish(
+            "fleet/linus/cmd/drive",
+            v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "forward",
+        )
+        .await
+        .unwrap();
+    tcp.wait_for("the websocket client's command", |m| {
+        m.topic == "fleet/linus/cmd/drive" && m.text() == "forward"
+    })
+    .await;
+    tcp.publish("fleet/linus/state", "{\"motion\":\"forward\"}")
+        .await;
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(v5::mqttbytes::v5::Packet::Publish(p)) = rx.recv().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.topic, "fleet/linus/state");
+}

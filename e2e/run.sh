@@ -156,7 +156,12 @@ for entry in linus:robot gateway:controller; do
   hash=$(echo "$name-pw" | "$BROKER" hash-password)
   printf '[[user]]\nusername = "%s"\npassword_hash = "%s"\nrole = "%s"\n' "$name" "$hash" "${entry##*:}" >>"$users_file"
 done
+SEC_TLS_PORT=${E2E_SECURE_TLS_PORT:-18883}
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
+  -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+  -keyout "$ART/tls.key" -out "$ART/tls.crt" >/dev/null 2>&1
 "$BROKER" --mqtt-addr 127.0.0.1:$SEC_PORT --metrics-addr 127.0.0.1:$SEC_METRICS \
+  --tls-addr 127.0.0.1:$SEC_TLS_PORT --tls-cert "$ART/tls.crt" --tls-key "$ART/tls.key" \
   --users-file "$users_file" >"$ART/fleet-broker.log" 2>&1 &
 pids+=($!)
 check "fleet-broker with a users file answers /health" wait_for 20 curl -fsS "http://127.0.0.1:$SEC_METRICS/health" -o /dev/null
@@ -170,6 +175,15 @@ sleep 0.5
 mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u gateway -P gateway-pw -q 1 -t fleet/linus/cmd/drive -m forward
 check "the controller's command reaches the robot's subscription" wait_for 10 has_line "$ART/linus-cmd.txt" '^forward$'
 wait $LINUS_SUB 2>/dev/null || true
+mosquitto_sub -h 127.0.0.1 -p $SEC_TLS_PORT --cafile "$ART/tls.crt" -u linus -P linus-pw \
+  -t 'fleet/linus/cmd/+' -C 1 -W 15 >"$ART/linus-tls.txt" 2>&1 &
+LINUS_TLS=$!
+sleep 0.5
+mosquitto_pub -h 127.0.0.1 -p $SEC_TLS_PORT --cafile "$ART/tls.crt" -V mqttv5 -u gateway -P gateway-pw \
+  -q 1 -t fleet/linus/cmd/eyes -m on
+check "MQTT over TLS: a command from an MQTT 5 client reaches a 3.1.1 subscriber" \
+  wait_for 10 has_line "$ART/linus-tls.txt" '^on$'
+wait $LINUS_TLS 2>/dev/null || true
 check "a robot may not read another robot's commands (3.1.1)" \
   bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -u linus -P linus-pw -t 'fleet/torvalds/cmd/+' -W 3 2>&1 | grep -q 'denied'"
 check "a robot may not read another robot's commands (5)" \

@@ -51,6 +51,14 @@ pub enum BrokerError {
     },
 }
 
+/// A TLS listener: where, and the PEM certificate chain and private key files.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub addr: SocketAddr,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
 /// Everything the broker needs to start. `Default` is the all-in-one setup: loopback only.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -58,6 +66,8 @@ pub struct BrokerConfig {
     pub mqtt_addr: SocketAddr,
     /// MQTT over websockets on `/mqtt`; off when `None`.
     pub ws_addr: Option<SocketAddr>,
+    /// MQTT over TLS (3.1.1 and 5); off when `None`.
+    pub tls: Option<TlsListener>,
     pub topics: AclTopics,
     /// Users with argon2 password hashes and roles; `None` turns authentication off
     /// (then every client is anonymous).
@@ -83,6 +93,7 @@ impl Default for BrokerConfig {
         Self {
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
             ws_addr: None,
+            tls: None,
             topics: AclTopics::default(),
             users: None,
             allow_anonymous: true,
@@ -138,6 +149,7 @@ impl RunningBroker {
 /// rmqtt keys listener settings by id; fixed ids keep them apart even on port 0.
 const TCP_LISTENER_ID: u16 = 1;
 const WS_LISTENER_ID: u16 = 2;
+const TLS_LISTENER_ID: u16 = 3;
 
 /// Binds the listeners and starts the broker on the current tokio runtime.
 pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
@@ -223,13 +235,28 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         server = server.listener_by_id(ws, WS_LISTENER_ID);
     }
 
+    let mut tls_addr = None;
+    if let Some(tls) = &config.tls {
+        let listener = listener(&config, "fleet/tls", tls.addr)
+            .tls_cert(Some(tls.cert.display().to_string()))
+            .tls_key(Some(tls.key.display().to_string()))
+            .bind()
+            .and_then(|l| l.tls())
+            .map_err(|source| BrokerError::Bind {
+                addr: tls.addr,
+                source,
+            })?;
+        tls_addr = Some(listener.local_addr().unwrap_or(tls.addr));
+        server = server.listener_by_id(listener, TLS_LISTENER_ID);
+    }
+
     let server = server.build();
     let task = tokio::spawn(async move {
         if let Err(error) = server.run().await {
             tracing::error!(%error, "MQTT broker stopped");
         }
     });
-    tracing::info!(%mqtt_addr, ws = ?ws_addr, "MQTT broker listening (MQTT 3.1.1 and 5)");
+    tracing::info!(%mqtt_addr, ws = ?ws_addr, tls = ?tls_addr, "MQTT broker listening (MQTT 3.1.1 and 5)");
     Ok(RunningBroker {
         mqtt_addr,
         ws_addr,

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleet_broker::BrokerConfig;
 use fleet_broker::acl::{AclTopics, Role};
 use fleet_broker::auth::{Users, hash_password};
+use fleet_broker::{BrokerConfig, TlsListener};
 use fleet_runtime::TopicArgs;
 
 /// The fleet's MQTT broker: MQTT 3.1.1 and 5 on one port, websockets, users and
@@ -32,6 +32,15 @@ struct Args {
     /// Where to accept MQTT over websockets (path /mqtt); off unless set
     #[arg(long, env = "FLEET_WS_ADDR")]
     ws_addr: Option<SocketAddr>,
+    /// Where to accept MQTT over TLS (needs --tls-cert and --tls-key); off unless set
+    #[arg(long, env = "FLEET_TLS_ADDR", requires_all = ["tls_cert", "tls_key"])]
+    tls_addr: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listener
+    #[arg(long, env = "FLEET_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listener
+    #[arg(long, env = "FLEET_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Where to serve /metrics and /health; off unless set
     #[arg(long, env = "FLEET_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -98,6 +107,10 @@ async fn main() -> anyhow::Result<()> {
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
         ws_addr: args.ws_addr,
+        tls: match (args.tls_addr, args.tls_cert, args.tls_key) {
+            (Some(addr), Some(cert), Some(key)) => Some(TlsListener { addr, cert, key }),
+            _ => None,
+        },
         http_addr: args.metrics_addr,
         topics: AclTopics {
             fleet: args.topics.topics(),

@@ -188,3 +188,80 @@ async fn websocket_clients_meet_tcp_clients_on_the_same_topics() {
     .unwrap();
     assert_eq!(got.topic, "fleet/linus/state");
 }
+
+#[tokio::test]
+async fn shared_subscriptions_qos2_and_message_expiry() {
+    let broker = fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+    let addr = broker.mqtt_addr();
+    // Two members of one shared subscription: each message reaches exactly one of them.
+    let first = Watcher::v5(addr, "worker-1", "$share/workers/fleet/+/result").await;
+    let second = Watcher::v5(addr, "worker-2", "$share/workers/fleet/+/result").await;
+    let watcher = Watcher::v5(addr, "watcher", "fleet/#").await;
+    let publisher = Watcher::v5(addr, "publisher", "nothing/#").await;
+    for i in 0..10 {
+        publisher
+            .publish("fleet/linus/result", format!("{{\"id\":\"r{i}\"}}"))
+            .await;
+    }
+    watcher
+        .wait_for("all ten", |m| m.json()["id"] == "r9")
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (a, b) = (first.messages().len(), second.messages().len());
+    assert_eq!(a + b, 10, "each message to one member ({a} + {b})");
+    assert!(a > 0 && b > 0, "spread over both members ({a} + {b})");
+
+    // QoS 2 end to end, exactly once.
+    let options = v5::MqttOptions::new("qos2", "127.0.0.1", addr.port());
+    let (client, mut eventloop) = v5::AsyncClient::new(options, 10);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    client
+        .publish(
+            "fleet/linus/state",
+            v5::mqttbytes::QoS::ExactlyOnce,
+            false,
+            "{\"q\":2}",
+        )
+        .await
+        .unwrap();
+    watcher
+        .wait_for("the QoS 2 message", |m| m.json()["q"] == 2)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        watcher
+            .messages()
+            .iter()
+            .filter(|m| m.json()["q"] == 2)
+            .count(),
+        1
+    );
+
+    // A sender's message expiry reaches MQTT 5 subscribers (counted down, never raised).
+    let properties = v5::mqttbytes::v5::PublishProperties {
+        message_expiry_interval: Some(30),
+        ..Default::default()
+    };
+    publisher
+        .publish_with_properties(
+            "fleet/linus/cmd/drive",
+            "{\"direction\":\"forward\"}",
+            properties,
+        )
+        .await;
+    let command = watcher
+        .wait_for("the command", |m| m.topic == "fleet/linus/cmd/drive")
+        .await;
+    assert!(
+        command
+            .message_expiry
+            .is_some_and(|left| left > 0 && left <= 30),
+        "{:?}",
+        command.message_expiry
+    );
+}

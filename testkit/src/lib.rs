@@ -32,6 +32,8 @@ pub struct Message {
     /// MQTT 5 user properties (empty for 3.1.1).
     pub user_properties: Vec<(String, String)>,
     pub correlation_data: Option<Vec<u8>>,
+    /// MQTT 5 message expiry interval as delivered (seconds left).
+    pub message_expiry: Option<u32>,
 }
 
 impl Message {
@@ -85,6 +87,7 @@ impl Watcher {
                         retain: p.retain,
                         user_properties: Vec::new(),
                         correlation_data: None,
+                        message_expiry: None,
                     }),
                     Ok(_) => {}
                     Err(e) => {
@@ -133,6 +136,7 @@ impl Watcher {
                             retain: p.retain,
                             user_properties: properties.user_properties,
                             correlation_data: properties.correlation_data.map(|c| c.to_vec()),
+                            message_expiry: properties.message_expiry_interval,
                         })
                     }
                     Ok(_) => {}

@@ -138,6 +138,12 @@ check "robot-node /metrics has process metrics" \
 check "robot-node /health" has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/health") '"robots_connected":3'
 kill -TERM $NODE_PID
 check "robot-node SIGTERM: its robots say offline" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/sim-3/status offline'
+remote_refused() {
+  local out rc=0
+  out=$("$FLEET" --mqtt-addr 0.0.0.0:18839 --ws-addr 127.0.0.1:18089 --http-addr 127.0.0.1:18089 2>&1) || rc=$?
+  [[ $rc -ne 0 && $out == *"allow-remote-anonymous"* ]]
+}
+check "the all-in-one refuses anonymous access beyond loopback" remote_refused
 rppal_refused() {
   local out rc=0
   out=$("$NODE" --robot linus --driver rppal --metrics-addr off 2>&1) || rc=$?
@@ -160,7 +166,7 @@ SEC_TLS_PORT=${E2E_SECURE_TLS_PORT:-18883}
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
   -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
   -keyout "$ART/tls.key" -out "$ART/tls.crt" >/dev/null 2>&1
-"$BROKER" --mqtt-addr 127.0.0.1:$SEC_PORT --metrics-addr 127.0.0.1:$SEC_METRICS \
+"$BROKER" --mqtt-addr 127.0.0.1:$SEC_PORT --metrics-addr 127.0.0.1:$SEC_METRICS --ws-addr off \
   --tls-addr 127.0.0.1:$SEC_TLS_PORT --tls-cert "$ART/tls.crt" --tls-key "$ART/tls.key" \
   --users-file "$users_file" >"$ART/fleet-broker.log" 2>&1 &
 pids+=($!)

@@ -21,6 +21,10 @@ struct Args {
     /// Where the broker accepts MQTT over websockets (path /mqtt)
     #[arg(long, env = "FLEET_WS_ADDR", default_value = "127.0.0.1:8083")]
     ws_addr: SocketAddr,
+    /// The all-in-one broker lets clients in without credentials, with full access. That
+    /// is only allowed on loopback addresses unless this is given
+    #[arg(long, env = "FLEET_ALLOW_REMOTE_ANONYMOUS")]
+    allow_remote_anonymous: bool,
     /// The gateway's flags; every robot in --robots runs simulated (linus and torvalds
     /// with their own pin maps)
     #[command(flatten)]
@@ -34,6 +38,15 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = fleet_runtime::telemetry::init("fleet");
     let args = Args::parse();
     let topics = args.topics.topics();
+    let remote = [args.mqtt_addr, args.ws_addr]
+        .into_iter()
+        .find(|a| !a.ip().is_loopback());
+    if let (Some(addr), false) = (remote, args.allow_remote_anonymous) {
+        anyhow::bail!(
+            "the all-in-one broker has no users: anyone reaching {addr} could drive the robots. \
+             Bind to 127.0.0.1, run fleet-broker with a users file, or pass --allow-remote-anonymous"
+        );
+    }
 
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,

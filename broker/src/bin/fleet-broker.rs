@@ -29,9 +29,9 @@ struct Args {
     /// Where to accept MQTT over TCP (3.1.1 and 5)
     #[arg(long, env = "FLEET_MQTT_ADDR", default_value = "127.0.0.1:1883")]
     mqtt_addr: SocketAddr,
-    /// Where to accept MQTT over websockets (path /mqtt); off unless set
-    #[arg(long, env = "FLEET_WS_ADDR")]
-    ws_addr: Option<SocketAddr>,
+    /// Where to accept MQTT over websockets (path /mqtt); "off" to disable
+    #[arg(long, env = "FLEET_WS_ADDR", default_value = "127.0.0.1:8083")]
+    ws_addr: String,
     /// Where to accept MQTT over TLS (needs --tls-cert and --tls-key); off unless set
     #[arg(long, env = "FLEET_TLS_ADDR", requires_all = ["tls_cert", "tls_key"])]
     tls_addr: Option<SocketAddr>,
@@ -41,9 +41,9 @@ struct Args {
     /// PEM private key for the TLS listener
     #[arg(long, env = "FLEET_TLS_KEY")]
     tls_key: Option<PathBuf>,
-    /// Where to serve /metrics and /health; off unless set
-    #[arg(long, env = "FLEET_METRICS_ADDR")]
-    metrics_addr: Option<SocketAddr>,
+    /// Where to serve /metrics and /health; "off" to disable
+    #[arg(long, env = "FLEET_METRICS_ADDR", default_value = "127.0.0.1:9101")]
+    metrics_addr: String,
     /// Users file (TOML: [[user]] username, password_hash, role); turns authentication on
     #[arg(long, env = "FLEET_USERS_FILE")]
     users_file: Option<PathBuf>,
@@ -106,12 +106,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
-        ws_addr: args.ws_addr,
+        ws_addr: address_or_off("--ws-addr", &args.ws_addr)?,
         tls: match (args.tls_addr, args.tls_cert, args.tls_key) {
             (Some(addr), Some(cert), Some(key)) => Some(TlsListener { addr, cert, key }),
             _ => None,
         },
-        http_addr: args.metrics_addr,
+        http_addr: address_or_off("--metrics-addr", &args.metrics_addr)?,
         topics: AclTopics {
             fleet: args.topics.topics(),
             discovery_prefix: args.discovery_prefix,
@@ -128,4 +128,15 @@ async fn main() -> anyhow::Result<()> {
     fleet_runtime::shutdown_signal().await;
     broker.stop();
     Ok(())
+}
+
+/// A listen address, or `None` for "off".
+fn address_or_off(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if value == "off" {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .with_context(|| format!("{flag} {value:?} is neither an address nor \"off\""))
 }

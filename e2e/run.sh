@@ -13,6 +13,8 @@ need_apt=()
 command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v chromium >/dev/null || need_apt+=(chromium)
+command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   echo "e2e: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -114,6 +116,7 @@ robots = {r["id"]: r for r in json.load(sys.stdin)["robots"]}
 sys.exit(0 if all(robots.get(n, {}).get("online") is True for n in ("linus", "torvalds")) else 1)'
 }
 check "GET /api/robots lists both robots online" robots_online
+check "promtool check metrics passes on the gateway's /metrics" bash -c "curl -fsS '$BASE/metrics' | promtool check metrics"
 check "/metrics counts published commands" \
   has_line <(curl -fsS "$BASE/metrics") '^fleet_gateway_commands_published_total\{command="drive",topic="fleet/\+/cmd/drive"\} [1-9]'
 
@@ -135,6 +138,8 @@ check "robot-node serves /metrics with its command counter" \
   wait_for 5 has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/metrics") '^fleet_node_commands_total\{topic="\+/cmd/drive",result="ok"\} 1'
 check "robot-node /metrics has process metrics" \
   has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/metrics") '^process_resident_memory_bytes '
+check "promtool check metrics passes on robot-node's /metrics" \
+  bash -c "curl -fsS http://127.0.0.1:$NODE_METRICS_PORT/metrics | promtool check metrics"
 check "robot-node /health" has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/health") '"robots_connected":3'
 kill -TERM $NODE_PID
 check "robot-node SIGTERM: its robots say offline" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/sim-3/status offline'
@@ -194,6 +199,8 @@ check "a robot may not read another robot's commands (3.1.1)" \
   bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -u linus -P linus-pw -t 'fleet/torvalds/cmd/+' -W 3 2>&1 | grep -q 'denied'"
 check "a robot may not read another robot's commands (5)" \
   bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u linus -P linus-pw -t 'fleet/torvalds/cmd/+' -W 3 2>&1 | grep -q 'denied'"
+check "promtool check metrics passes on fleet-broker's /metrics" \
+  bash -c "curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | promtool check metrics"
 check "the broker counts auth failures and ACL denials on /metrics" \
   bash -c "curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_auth_failures_total{reason=\"bad_credentials\"} 1' && curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_acl_denials_total{action=\"subscribe\"} 2'"
 

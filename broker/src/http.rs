@@ -24,7 +24,7 @@ async fn metrics_text(State(metrics): State<Arc<BrokerMetrics>>) -> impl IntoRes
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            fleet_runtime::exposition::CONTENT_TYPE,
         )],
         metrics.encode(),
     )

@@ -239,12 +239,9 @@ impl BrokerMetrics {
             .unwrap_or(0)
     }
 
+    /// Prometheus text format (see `fleet_runtime::exposition`).
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(%error, "cannot encode metrics");
-        }
-        out
+        fleet_runtime::exposition::encode(&self.registry)
     }
 }
 

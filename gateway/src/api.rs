@@ -132,7 +132,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            fleet_runtime::exposition::CONTENT_TYPE,
         )],
         state.metrics.encode(),
     )

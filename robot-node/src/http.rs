@@ -30,7 +30,7 @@ async fn metrics_text(
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            fleet_runtime::exposition::CONTENT_TYPE,
         )],
         metrics.encode(),
     )

@@ -2,6 +2,7 @@
 //! process metrics.
 
 pub mod config;
+pub mod exposition;
 pub mod process;
 pub mod telemetry;
 

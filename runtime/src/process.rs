@@ -22,6 +22,46 @@ pub fn register(registry: &mut Registry) {
 #[derive(Debug)]
 struct ProcessCollector;
 
+/// The container's resources, for "CPU vs limit" and "RAM vs request and limit" panels
+/// that work without kube-state-metrics. Requests are only known from the environment
+/// (the Helm chart sets these from the downward API); limits fall back to the cgroup.
+#[derive(Debug, Default, PartialEq)]
+struct Resources {
+    cpu_request_cores: Option<f64>,
+    cpu_limit_cores: Option<f64>,
+    memory_request_bytes: Option<f64>,
+    memory_limit_bytes: Option<f64>,
+}
+
+fn env_number(name: &str) -> Option<f64> {
+    std::env::var(name)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|v: &f64| *v > 0.0)
+}
+
+fn resources() -> Resources {
+    let cgroup = |file: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{file}")).ok();
+    // cgroup v2 cpu.max is "<quota> <period>" or "max <period>".
+    let cgroup_cpu = cgroup("cpu.max").and_then(|text| {
+        let mut parts = text.split_whitespace();
+        let quota: f64 = parts.next()?.parse().ok()?;
+        let period: f64 = parts.next()?.parse().ok()?;
+        (period > 0.0).then(|| quota / period)
+    });
+    let cgroup_memory = cgroup("memory.max").and_then(|text| text.trim().parse::<f64>().ok());
+    Resources {
+        cpu_request_cores: env_number("FLEET_CPU_REQUEST_MILLICORES").map(|m| m / 1000.0),
+        cpu_limit_cores: env_number("FLEET_CPU_LIMIT_MILLICORES")
+            .map(|m| m / 1000.0)
+            .or(cgroup_cpu),
+        memory_request_bytes: env_number("FLEET_MEMORY_REQUEST_BYTES"),
+        memory_limit_bytes: env_number("FLEET_MEMORY_LIMIT_BYTES").or(cgroup_memory),
+    }
+}
+
 #[derive(Debug, Default, PartialEq)]
 struct Sample {
     cpu_seconds: f64,
@@ -117,6 +157,35 @@ impl Collector for ProcessCollector {
                 None,
                 MetricType::Gauge,
             )?)?;
+        }
+        let r = resources();
+        let resources = [
+            (
+                "fleet_process_cpu_request_cores",
+                "CPU request of the container, in cores",
+                r.cpu_request_cores,
+            ),
+            (
+                "fleet_process_cpu_limit_cores",
+                "CPU limit of the container, in cores",
+                r.cpu_limit_cores,
+            ),
+            (
+                "fleet_process_memory_request_bytes",
+                "Memory request of the container, in bytes",
+                r.memory_request_bytes,
+            ),
+            (
+                "fleet_process_memory_limit_bytes",
+                "Memory limit of the container, in bytes",
+                r.memory_limit_bytes,
+            ),
+        ];
+        for (name, help, value) in resources {
+            if let Some(value) = value {
+                let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(value).encode(metric)?;
+            }
         }
         Ok(())
     }

@@ -26,3 +26,15 @@ runAsUser: 65532
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/* The container's requests and limits, for the fleet_process_* resource gauges. */}}
+{{- define "fleet.resourceEnv" -}}
+- name: FLEET_CPU_REQUEST_MILLICORES
+  valueFrom: { resourceFieldRef: { containerName: {{ . }}, resource: requests.cpu, divisor: 1m } }
+- name: FLEET_CPU_LIMIT_MILLICORES
+  valueFrom: { resourceFieldRef: { containerName: {{ . }}, resource: limits.cpu, divisor: 1m } }
+- name: FLEET_MEMORY_REQUEST_BYTES
+  valueFrom: { resourceFieldRef: { containerName: {{ . }}, resource: requests.memory } }
+- name: FLEET_MEMORY_LIMIT_BYTES
+  valueFrom: { resourceFieldRef: { containerName: {{ . }}, resource: limits.memory } }
+{{- end -}}

@@ -215,19 +215,51 @@ export FLEET_MEMORY_REQUEST_BYTES=67108864 FLEET_MEMORY_LIMIT_BYTES=268435456
   --allow-anonymous >"$ART/obs-broker.log" 2>&1 &
 pids+=($!)
 wait_for 20 curl -fsS http://127.0.0.1:19111/health -o /dev/null
-"$NODE" --robot sim --simulate 2 --broker 127.0.0.1:$OBS_MQTT --metrics-addr 127.0.0.1:19112 \
-  >"$ART/obs-node.log" 2>&1 &
-pids+=($!)
-FLEET_PROBE_INTERVAL_S=1 "$ROOT/target/debug/fleet-gateway" --http-addr 127.0.0.1:$OBS_HTTP \
+start_sim_node() {
+  "$NODE" --robot sim --simulate 2 --broker 127.0.0.1:$OBS_MQTT --metrics-addr 127.0.0.1:19112 \
+    >>"$ART/obs-node.log" 2>&1 &
+  SIM_NODE=$!
+  pids+=($SIM_NODE)
+}
+start_sim_node
+FLEET_PROBE_INTERVAL_S=1 FLEET_PROBE_TIMEOUT_MS=300 "$ROOT/target/debug/fleet-gateway" --http-addr 127.0.0.1:$OBS_HTTP \
   --broker 127.0.0.1:$OBS_MQTT --robots sim-1,sim-2 >"$ART/obs-gateway.log" 2>&1 &
 pids+=($!)
 unset FLEET_CPU_REQUEST_MILLICORES FLEET_CPU_LIMIT_MILLICORES FLEET_MEMORY_REQUEST_BYTES FLEET_MEMORY_LIMIT_BYTES
+# Alerting: the fleet's rules with their "for" shortened, a real Alertmanager, and a local
+# webhook receiver that records what Alertmanager sends.
+sed 's/for: [0-9]*m/for: 0s/' alerts/fleet-rules.yml >"$ART/e2e-rules.yml"
+cat >"$ART/alertmanager.yml" <<AM
+route:
+  receiver: webhook
+  group_by: [alertname]
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+  routes:
+    - receiver: "null"
+      matchers: [alertname = "Watchdog"]
+receivers:
+  - name: "null"
+  - name: webhook
+    webhook_configs:
+      - url: http://127.0.0.1:19094/
+        send_resolved: true
+AM
+python3 e2e/webhook_receiver.py 19094 "$ART/alerts-received.jsonl" &
+pids+=($!)
+prometheus-alertmanager --config.file="$ART/alertmanager.yml" --storage.path="$ART/alertmanager-data" \
+  --web.listen-address=127.0.0.1:19093 --cluster.listen-address= >"$ART/alertmanager.log" 2>&1 &
+pids+=($!)
 cat >"$ART/prometheus.yml" <<PROM
 global:
   scrape_interval: 1s
   evaluation_interval: 1s
 rule_files:
-  - $ROOT/alerts/fleet-rules.yml
+  - $ART/e2e-rules.yml
+alerting:
+  alertmanagers:
+    - static_configs: [{ targets: ["127.0.0.1:19093"] }]
 scrape_configs:
   - job_name: fleet-broker
     static_configs: [{ targets: ["127.0.0.1:19111"] }]
@@ -237,7 +269,7 @@ scrape_configs:
     static_configs: [{ targets: ["127.0.0.1:$OBS_HTTP"] }]
 PROM
 prometheus --config.file="$ART/prometheus.yml" --storage.tsdb.path="$ART/prometheus-data" \
-  --web.listen-address=127.0.0.1:$OBS_PROM >"$ART/prometheus.log" 2>&1 &
+  --web.listen-address=127.0.0.1:$OBS_PROM --rules.alert.resend-delay=1s >"$ART/prometheus.log" 2>&1 &
 pids+=($!)
 check "the standalone gateway sees both simulated robots" \
   wait_for 20 bash -c "curl -fsS http://127.0.0.1:$OBS_HTTP/api/robots/sim-2 | grep -q '\"online\":true'"
@@ -256,6 +288,16 @@ check "Prometheus scrapes the broker, the node and the gateway" wait_for 30 prom
 sleep 8   # a few more scrapes, so rates over 1m have two points and the dead-man has fired
 check "every dashboard query returns data from the live fleet" \
   python3 e2e/check_dashboards.py "http://127.0.0.1:$OBS_PROM" grafana/dashboards sim-1
+
+# The robots go away: FleetRobotOffline fires through Alertmanager; they come back: resolved.
+kill -9 $SIM_NODE
+check "FleetRobotOffline fires through Alertmanager to the webhook" \
+  wait_for 60 has_line "$ART/alerts-received.jsonl" '"status":"firing".*"alertname":"FleetRobotOffline"'
+start_sim_node
+check "... and its resolution arrives when the robots are back" \
+  wait_for 60 has_line "$ART/alerts-received.jsonl" '"status":"resolved".*"alertname":"FleetRobotOffline"'
+check "the Watchdog went to the null receiver, not the webhook" \
+  bash -c "! grep -q '\"alertname\":\"Watchdog\"' '$ART/alerts-received.jsonl'"
 
 # A clean shutdown leaves the robots safe and offline.
 kill -TERM $FLEET_PID

@@ -22,6 +22,8 @@ if ((${#need_apt[@]})); then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 (cd e2e && npm ci --no-audit --no-fund --loglevel=error)
+python3 -c 'import opentelemetry.proto' 2>/dev/null ||
+  python3 -m pip install -q --disable-pip-version-check opentelemetry-proto
 
 FLEET=${FLEET_BIN:-$ROOT/target/debug/fleet}
 NODE=${NODE_BIN:-$ROOT/target/debug/robot-node}
@@ -209,6 +211,10 @@ check "the broker counts auth failures and ACL denials on /metrics" \
 OBS_MQTT=${E2E_OBS_MQTT_PORT:-18833}
 OBS_HTTP=${E2E_OBS_HTTP_PORT:-18090}
 OBS_PROM=${E2E_OBS_PROM_PORT:-19090}
+# Spans from the gateway and the node go to a real OTLP/HTTP receiver.
+python3 e2e/otlp_receiver.py 19318 "$ART/spans.jsonl" &
+pids+=($!)
+export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:19318
 export FLEET_CPU_REQUEST_MILLICORES=100 FLEET_CPU_LIMIT_MILLICORES=1000
 export FLEET_MEMORY_REQUEST_BYTES=67108864 FLEET_MEMORY_LIMIT_BYTES=268435456
 "$BROKER" --mqtt-addr 127.0.0.1:$OBS_MQTT --ws-addr off --metrics-addr 127.0.0.1:19111 \
@@ -226,6 +232,7 @@ FLEET_PROBE_INTERVAL_S=1 FLEET_PROBE_TIMEOUT_MS=300 "$ROOT/target/debug/fleet-ga
   --broker 127.0.0.1:$OBS_MQTT --robots sim-1,sim-2 >"$ART/obs-gateway.log" 2>&1 &
 pids+=($!)
 unset FLEET_CPU_REQUEST_MILLICORES FLEET_CPU_LIMIT_MILLICORES FLEET_MEMORY_REQUEST_BYTES FLEET_MEMORY_LIMIT_BYTES
+unset OTEL_EXPORTER_OTLP_ENDPOINT
 # Alerting: the fleet's rules with their "for" shortened, a real Alertmanager, and a local
 # webhook receiver that records what Alertmanager sends.
 sed 's/for: [0-9]*m/for: 0s/' alerts/fleet-rules.yml >"$ART/e2e-rules.yml"
@@ -281,6 +288,11 @@ for _ in 1 2 3; do
   sleep 1
 done
 curl -fsS -o /dev/null -X POST -d '{"direction":"left","hold_ms":300}' "http://127.0.0.1:$OBS_HTTP/api/robots/sim-2/commands/drive"
+curl -fsS -o /dev/null -X POST -H 'traceparent: 00-7d1c8f3b2a6e4f0c9b8a7d6e5f4c3b2a-1a2b3c4d5e6f7081-01' \
+  -d forward "http://127.0.0.1:$OBS_HTTP/api/robots/sim-1/commands/drive?wait=true"
+check "one click is one trace across processes: gateway server -> producer -> robot consumer -> driver" \
+  wait_for 20 bash -c "python3 e2e/check_trace.py '$ART/spans.jsonl' 7d1c8f3b2a6e4f0c9b8a7d6e5f4c3b2a 1a2b3c4d5e6f7081 >/dev/null"
+python3 e2e/check_trace.py "$ART/spans.jsonl" 7d1c8f3b2a6e4f0c9b8a7d6e5f4c3b2a 1a2b3c4d5e6f7081 | tail -1 || true
 prom_up() {
   curl -fsS "http://127.0.0.1:$OBS_PROM/api/v1/query?query=count(up==1)" | grep -q '"value":\[[0-9.]*,"3"\]'
 }

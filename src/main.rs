@@ -135,6 +135,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = stop_gateway.send(());
     let _ = gateway.await;
+    // The robots' last words (state, `offline`) are on their way through the broker:
+    // let it deliver them to subscribers before it goes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     broker.stop();
     Ok(())
 }

@@ -91,6 +91,22 @@ async fn v5_client(
     (client, rx)
 }
 
+async fn suback(rx: &mut tokio::sync::mpsc::UnboundedReceiver<V5Packet>) -> Vec<V5Sub> {
+    next_matching(rx, |p| match p {
+        V5Packet::SubAck(a) => Some(a.return_codes),
+        _ => None,
+    })
+    .await
+}
+
+async fn puback(rx: &mut tokio::sync::mpsc::UnboundedReceiver<V5Packet>) -> PubAckReason {
+    next_matching(rx, |p| match p {
+        V5Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await
+}
+
 async fn next_matching<T>(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<V5Packet>,
     pick: impl Fn(V5Packet) -> Option<T>,
@@ -151,31 +167,19 @@ async fn a_robot_can_neither_read_nor_command_another_robot() {
         .subscribe("fleet/linus/cmd/+", v5::mqttbytes::QoS::AtLeastOnce)
         .await
         .unwrap();
-    let ok = next_matching(&mut linus_rx, |p| match p {
-        V5Packet::SubAck(a) => Some(a.return_codes),
-        _ => None,
-    })
-    .await;
+    let ok = suback(&mut linus_rx).await;
     assert!(matches!(ok[0], V5Sub::Success(_)), "{ok:?}");
     linus
         .subscribe("fleet/torvalds/cmd/+", v5::mqttbytes::QoS::AtLeastOnce)
         .await
         .unwrap();
-    let denied = next_matching(&mut linus_rx, |p| match p {
-        V5Packet::SubAck(a) => Some(a.return_codes),
-        _ => None,
-    })
-    .await;
+    let denied = suback(&mut linus_rx).await;
     assert_eq!(denied[0], V5Sub::NotAuthorized);
     linus
         .subscribe("fleet/#", v5::mqttbytes::QoS::AtLeastOnce)
         .await
         .unwrap();
-    let denied = next_matching(&mut linus_rx, |p| match p {
-        V5Packet::SubAck(a) => Some(a.return_codes),
-        _ => None,
-    })
-    .await;
+    let denied = suback(&mut linus_rx).await;
     assert_eq!(denied[0], V5Sub::NotAuthorized);
 
     // Publishing: another robot's command topic no, its own state yes.
@@ -184,21 +188,13 @@ async fn a_robot_can_neither_read_nor_command_another_robot() {
         .publish("fleet/torvalds/cmd/drive", qos1, false, "forward")
         .await
         .unwrap();
-    let ack = next_matching(&mut linus_rx, |p| match p {
-        V5Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await;
+    let ack = puback(&mut linus_rx).await;
     assert_eq!(ack, PubAckReason::NotAuthorized);
     linus
         .publish("fleet/linus/state", qos1, true, "{}")
         .await
         .unwrap();
-    let ack = next_matching(&mut linus_rx, |p| match p {
-        V5Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await;
+    let ack = puback(&mut linus_rx).await;
     assert!(
         matches!(
             ack,
@@ -223,21 +219,13 @@ async fn a_robot_can_neither_read_nor_command_another_robot() {
     })
     .await;
     grafana.subscribe("fleet/+/state", qos1).await.unwrap();
-    let ok = next_matching(&mut grafana_rx, |p| match p {
-        V5Packet::SubAck(a) => Some(a.return_codes),
-        _ => None,
-    })
-    .await;
+    let ok = suback(&mut grafana_rx).await;
     assert!(matches!(ok[0], V5Sub::Success(_)));
     grafana
         .publish("fleet/linus/cmd/drive", qos1, false, "forward")
         .await
         .unwrap();
-    let ack = next_matching(&mut grafana_rx, |p| match p {
-        V5Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await;
+    let ack = puback(&mut grafana_rx).await;
     assert_eq!(ack, PubAckReason::NotAuthorized);
 
     // MQTT 3.1.1: a refused subscription is SUBACK 0x80.

@@ -116,18 +116,8 @@ async fn servo_arm(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<CommandResponse, ApiError> {
-    let form = form(&body)?;
-    let payload = format!("{} {}", field(&form, "degree")?, field(&form, "degree2")?);
-    command_for(
-        &state,
-        "linus",
-        CommandKind::Servo,
-        payload.as_bytes(),
-        &headers,
-        query.wait,
-        "/servoarm",
-    )
-    .await
+    let fields = ("degree", "degree2", CommandKind::Servo, "/servoarm");
+    two_field_form(&state, query.wait, &headers, &body, fields).await
 }
 
 /// POST /motorpwm: form fields `speed` and `speed2` (0..10) for linus's two motors.
@@ -137,16 +127,28 @@ async fn motor_pwm(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<CommandResponse, ApiError> {
-    let form = form(&body)?;
-    let payload = format!("{} {}", field(&form, "speed")?, field(&form, "speed2")?);
+    let fields = ("speed", "speed2", CommandKind::Speed, "/motorpwm");
+    two_field_form(&state, query.wait, &headers, &body, fields).await
+}
+
+/// The originals' two-value forms become the two-value text form of the command.
+async fn two_field_form(
+    state: &AppState,
+    wait: bool,
+    headers: &HeaderMap,
+    body: &Bytes,
+    (first, second, kind, route): (&'static str, &'static str, CommandKind, &'static str),
+) -> Result<CommandResponse, ApiError> {
+    let form = form(body)?;
+    let payload = format!("{} {}", field(&form, first)?, field(&form, second)?);
     command_for(
-        &state,
+        state,
         "linus",
-        CommandKind::Speed,
+        kind,
         payload.as_bytes(),
-        &headers,
-        query.wait,
-        "/motorpwm",
+        headers,
+        wait,
+        route,
     )
     .await
 }

@@ -15,7 +15,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "fleet.brokerAddress" -}}
+{{- if .Values.externalBroker.enabled -}}
+{{ required "externalBroker.address is required when externalBroker.enabled" .Values.externalBroker.address }}
+{{- else -}}
 {{ include "fleet.fullname" . }}-broker:{{ .Values.broker.mqttPort }}
+{{- end -}}
 {{- end -}}
 
 {{- define "fleet.securityContext" -}}
@@ -37,4 +41,13 @@ capabilities:
   valueFrom: { resourceFieldRef: { containerName: {{ . }}, resource: requests.memory } }
 - name: FLEET_MEMORY_LIMIT_BYTES
   valueFrom: { resourceFieldRef: { containerName: {{ . }}, resource: limits.memory } }
+{{- end -}}
+
+{{/* The pod security context every fleet pod runs with. */}}
+{{- define "fleet.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
 {{- end -}}

@@ -18,7 +18,7 @@ COPY . .
 RUN cargo build --release --locked --workspace --bins \
  && mkdir /out \
  && cp target/release/fleet target/release/fleet-broker target/release/fleet-gateway \
-       target/release/robot-node /out/
+       target/release/robot-node target/release/fleet-healthcheck /out/
 
 # glibc and libgcc only; no shell, no package manager; runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
@@ -33,4 +33,8 @@ COPY --from=build /out/ /usr/local/bin/
 USER 65532:65532
 # MQTT, websockets, HTTP (gateway), broker metrics, node metrics.
 EXPOSE 1883 8083 8080 9101 9102
+# For the default command (the all-in-one fleet); compose and Helm check each part on its
+# own port.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s \
+  CMD ["fleet-healthcheck", "127.0.0.1:8080/health"]
 CMD ["fleet", "--mqtt-addr", "0.0.0.0:1883", "--ws-addr", "0.0.0.0:8083", "--http-addr", "0.0.0.0:8080", "--allow-remote-anonymous"]

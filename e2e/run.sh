@@ -65,6 +65,8 @@ FLEET_PID=$!
 pids+=($FLEET_PID)
 check "fleet starts and the gateway answers /health" wait_for 60 curl -fsS "$BASE/health" -o /dev/null
 check "/health says ok" has_line <(curl -fsS "$BASE/health") '"health":"ok"'
+check "fleet-healthcheck (the containers' health check) passes on the gateway" \
+  "$ROOT/target/debug/fleet-healthcheck" "127.0.0.1:$HTTP_PORT/readyz"
 
 # Watchers as a user would run them: MQTT 3.1.1 and MQTT 5, everything under fleet/.
 mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -v -t 'fleet/#' >"$ART/sub-v311.txt" 2>&1 &

@@ -128,6 +128,35 @@ check "/metrics counts published commands" \
 check "the web page drives both robots (chromium)" \
   env BASE="$BASE" ART="$ART" node e2e/browser.mjs
 
+# Home Assistant discovery, seen as Home Assistant sees it: MQTT 3.1.1, retained documents.
+discovery_documents() {
+  mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -C 2 -W 10 -v -t 'homeassistant/device/+/config' \
+    >"$ART/discovery.txt" || return 1
+  python3 - "$ART/discovery.txt" <<'PY'
+import json, sys
+docs = {}
+for line in open(sys.argv[1]):
+    topic, _, payload = line.partition(" ")
+    docs[topic] = json.loads(payload)
+linus = docs["homeassistant/device/fleet_linus/config"]
+torvalds = docs["homeassistant/device/fleet_torvalds/config"]
+assert linus["device"]["name"] == "linus" and linus["availability_topic"] == "fleet/linus/status"
+assert "fleet_linus_servo1" in linus["components"] and "fleet_torvalds_servo1" not in torvalds["components"]
+assert all("unique_id" in c for d in docs.values() for c in d["components"].values())
+PY
+}
+check "both robots publish retained Home Assistant discovery (read over 3.1.1)" discovery_documents
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/servo1 -m 45.0
+latest_state_has() { # latest_state_has ROBOT REGEX: the robot's newest state matches
+  grep "^fleet/$1/state " "$ART/sub-v311.txt" | tail -n 1 | grep -Eq "$2"
+}
+check "a number's bare value on cmd/servo1 (as Home Assistant sends it) moves servo 1" \
+  wait_for 10 latest_state_has linus '"servos":\[45,'
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/eyes -m OFF
+check "the switch's OFF turns the eyes off" wait_for 10 latest_state_has linus '"eyes":"off"'
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/eyes -m ON
+check "... and ON turns them on" wait_for 10 latest_state_has linus '"eyes":"on"'
+
 # A robot-node process of its own: pin map from a config file, three simulated robots.
 "$NODE" --config robot-node/config/torvalds.toml --robot sim --simulate 3 \
   --broker 127.0.0.1:$MQTT_PORT --metrics-addr 127.0.0.1:$NODE_METRICS_PORT >"$ART/robot-node.log" 2>&1 &
@@ -145,8 +174,17 @@ check "robot-node /metrics has process metrics" \
 check "promtool check metrics passes on robot-node's /metrics" \
   bash -c "curl -fsS http://127.0.0.1:$NODE_METRICS_PORT/metrics | promtool check metrics"
 check "robot-node /health" has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/health") '"robots_connected":3'
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -t fleet/sim-3/cmd/decommission -n
+check "decommission: sim-3 answers ok" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/sim-3/result .*"command":"decommission","status":"ok"'
+discovery_cleared() {
+  local rc=0
+  # Exit 27: no retained document arrived within the wait.
+  mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -C 1 -W 2 -t homeassistant/device/fleet_sim-3/config >/dev/null 2>&1 || rc=$?
+  [[ $rc -eq 27 ]] && mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -C 1 -W 5 -t homeassistant/device/fleet_sim-2/config >/dev/null
+}
+check "... its discovery document is gone, sim-2's is still there" discovery_cleared
 kill -TERM $NODE_PID
-check "robot-node SIGTERM: its robots say offline" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/sim-3/status offline'
+check "robot-node SIGTERM: its robots say offline" wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/sim-1/status offline'
 remote_refused() {
   local out rc=0
   out=$("$FLEET" --mqtt-addr 0.0.0.0:18839 --ws-addr 127.0.0.1:18089 --http-addr 127.0.0.1:18089 2>&1) || rc=$?

@@ -31,6 +31,12 @@ struct Args {
     gateway: GatewayArgs,
     #[command(flatten)]
     topics: TopicArgs,
+    /// Do not publish Home Assistant discovery for the simulated robots
+    #[arg(long, env = "FLEET_NO_DISCOVERY")]
+    no_discovery: bool,
+    /// Home Assistant's discovery prefix
+    #[arg(long, env = "FLEET_DISCOVERY_PREFIX", default_value = "homeassistant")]
+    discovery_prefix: fleet_protocol::DiscoveryPrefix,
 }
 
 #[tokio::main]
@@ -53,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         ws_addr: Some(args.ws_addr),
         topics: fleet_broker::acl::AclTopics {
             fleet: topics.clone(),
-            ..Default::default()
+            discovery_prefix: args.discovery_prefix.to_string(),
         },
         ..BrokerConfig::default()
     })
@@ -91,6 +97,9 @@ async fn main() -> anyhow::Result<()> {
             };
             let mut config = NodeConfig::new(RobotConfig::preset_or_default(id.clone()), address);
             config.topics = topics.clone();
+            config.discovery.enabled = !args.no_discovery;
+            config.discovery.prefix = args.discovery_prefix.clone();
+            config.discovery.configuration_url = Some(format!("http://{http}/"));
             robot_node::spawn(
                 config,
                 Box::new(SimulatedDriver::new(id.to_string())),

@@ -38,16 +38,20 @@ pub enum CommandKind {
     Stop,
     /// Does nothing but answer: how the gateway's prober sees that a robot is alive.
     Ping,
+    /// Takes the robot out of the fleet: outputs safe, its retained topics and Home
+    /// Assistant discovery cleared, the node disconnects. Starting the node brings it back.
+    Decommission,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 6] = [
+    pub const ALL: [CommandKind; 7] = [
         CommandKind::Drive,
         CommandKind::Speed,
         CommandKind::Eyes,
         CommandKind::Servo,
         CommandKind::Stop,
         CommandKind::Ping,
+        CommandKind::Decommission,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +62,7 @@ impl CommandKind {
             CommandKind::Servo => "servo",
             CommandKind::Stop => "stop",
             CommandKind::Ping => "ping",
+            CommandKind::Decommission => "decommission",
         }
     }
 }
@@ -76,9 +81,121 @@ impl FromStr for CommandKind {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| CommandError::InvalidValue {
                 field: "command",
-                expected: "one of drive, speed, eyes, servo, stop, ping",
+                expected: "one of drive, speed, eyes, servo, stop, ping, decommission",
                 got: s.to_owned(),
             })
+    }
+}
+
+/// One motor's speed or one servo's angle on a topic of its own (`cmd/motor1`,
+/// `cmd/servo2`). The payload is a single value, as Home Assistant's number entities send
+/// it, so they need no command template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// Motor 1 or 2 (index 0 or 1): a speed 0..=10.
+    Motor(usize),
+    /// Servo 1 or 2 (index 0 or 1): an angle -90..=90.
+    Servo(usize),
+}
+
+impl Channel {
+    pub const ALL: [Channel; 4] = [
+        Channel::Motor(0),
+        Channel::Motor(1),
+        Channel::Servo(0),
+        Channel::Servo(1),
+    ];
+
+    /// The topic level: `motor1`, `motor2`, `servo1`, `servo2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Motor(0) => "motor1",
+            Channel::Motor(_) => "motor2",
+            Channel::Servo(0) => "servo1",
+            Channel::Servo(_) => "servo2",
+        }
+    }
+
+    /// The command a value on this channel becomes.
+    pub fn kind(self) -> CommandKind {
+        match self {
+            Channel::Motor(_) => CommandKind::Speed,
+            Channel::Servo(_) => CommandKind::Servo,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Channel::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    /// Builds the command for one value; the other motor or servo is left as it is.
+    fn command(self, value: i64) -> Result<Command, CommandError> {
+        let field = self.as_str();
+        Ok(match self {
+            Channel::Motor(index) => {
+                let mut motors = [None; MOTORS];
+                motors[index.min(MOTORS - 1)] = Some(check_speed(field, value)?);
+                Command::Speed(SpeedTarget(motors))
+            }
+            Channel::Servo(index) => {
+                let mut servos = [None; SERVOS];
+                servos[index.min(SERVOS - 1)] = Some(check_angle(field, value)?);
+                Command::Servo(ServoTarget(servos))
+            }
+        })
+    }
+}
+
+/// What the last level of a command topic names: a whole command, or one channel of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandAddress {
+    Command(CommandKind),
+    Channel(Channel),
+}
+
+impl CommandAddress {
+    /// Every command topic level a node answers to.
+    pub fn all() -> impl Iterator<Item = CommandAddress> {
+        CommandKind::ALL
+            .into_iter()
+            .map(CommandAddress::Command)
+            .chain(Channel::ALL.into_iter().map(CommandAddress::Channel))
+    }
+
+    pub fn kind(self) -> CommandKind {
+        match self {
+            CommandAddress::Command(kind) => kind,
+            CommandAddress::Channel(channel) => channel.kind(),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandAddress::Command(kind) => kind.as_str(),
+            CommandAddress::Channel(channel) => channel.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for CommandAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<CommandKind> for CommandAddress {
+    fn from(kind: CommandKind) -> Self {
+        CommandAddress::Command(kind)
+    }
+}
+
+impl FromStr for CommandAddress {
+    type Err = CommandError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match Channel::from_name(s) {
+            Some(channel) => Ok(CommandAddress::Channel(channel)),
+            None => s.parse().map(CommandAddress::Command),
+        }
     }
 }
 
@@ -172,6 +289,7 @@ pub enum Command {
     Servo(ServoTarget),
     Stop,
     Ping,
+    Decommission,
 }
 
 impl Command {
@@ -183,6 +301,7 @@ impl Command {
             Command::Servo(_) => CommandKind::Servo,
             Command::Stop => CommandKind::Stop,
             Command::Ping => CommandKind::Ping,
+            Command::Decommission => CommandKind::Decommission,
         }
     }
 }
@@ -213,19 +332,60 @@ impl CommandEnvelope {
     /// Parses a payload published to `.../cmd/<kind>`: JSON when it starts with `{`,
     /// otherwise the plain-text form.
     pub fn parse(kind: CommandKind, payload: &[u8]) -> Result<Self, CommandError> {
-        if payload.len() > MAX_COMMAND_PAYLOAD {
-            return Err(CommandError::TooLarge {
-                size: payload.len(),
-                max: MAX_COMMAND_PAYLOAD,
-            });
-        }
-        let text = std::str::from_utf8(payload).map_err(|_| CommandError::NotUtf8)?;
-        let text = text.trim();
+        let text = payload_text(payload)?;
         if text.starts_with('{') {
             parse_json(kind, text)
         } else {
             parse_text(kind, text).map(CommandEnvelope::new)
         }
+    }
+
+    /// Parses a payload published to `.../cmd/<address>`: a whole command as `parse`
+    /// does, or a single value on a channel topic (`45`, `45.0`, or JSON
+    /// `{"value": 45}` with the usual id and trace fields).
+    pub fn parse_at(address: CommandAddress, payload: &[u8]) -> Result<Self, CommandError> {
+        let channel = match address {
+            CommandAddress::Command(kind) => return Self::parse(kind, payload),
+            CommandAddress::Channel(channel) => channel,
+        };
+        let text = payload_text(payload)?;
+        let field = channel.as_str();
+        if !text.starts_with('{') {
+            let value = match text.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [] => {
+                    return Err(CommandError::Empty {
+                        expected: "a single number",
+                    });
+                }
+                [word] => parse_integer_text(field, word)?,
+                _ => {
+                    return Err(CommandError::InvalidValue {
+                        field,
+                        expected: "a single number",
+                        got: text.chars().take(80).collect(),
+                    });
+                }
+            };
+            return channel.command(value).map(CommandEnvelope::new);
+        }
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| CommandError::InvalidJson(e.to_string()))?;
+        let Value::Object(doc) = value else {
+            return Err(CommandError::NotAnObject);
+        };
+        if let Some(unknown) = doc
+            .keys()
+            .find(|k| k.as_str() != "value" && !ENVELOPE_FIELDS.contains(&k.as_str()))
+        {
+            return Err(CommandError::UnknownField {
+                command: channel.kind(),
+                field: unknown.clone(),
+                expected: "value, id, traceparent, tracestate, deadline_ms",
+            });
+        }
+        let value =
+            optional_int(&doc, "value")?.ok_or(CommandError::MissingField { field: "value" })?;
+        with_envelope_fields(&doc, channel.command(value)?)
     }
 
     /// The canonical JSON form: what the gateway publishes, and what `parse` reads back.
@@ -260,7 +420,7 @@ impl CommandEnvelope {
                 insert_opt(&mut doc, "servo2", servos[1]);
                 doc
             }
-            Command::Stop | Command::Ping => json!({}),
+            Command::Stop | Command::Ping | Command::Decommission => json!({}),
         };
         insert_opt(&mut doc, "id", self.id.clone());
         insert_opt(
@@ -272,6 +432,18 @@ impl CommandEnvelope {
         insert_opt(&mut doc, "deadline_ms", self.deadline_ms);
         doc
     }
+}
+
+/// The payload as trimmed text, refused before parsing when it is too big or not UTF-8.
+fn payload_text(payload: &[u8]) -> Result<&str, CommandError> {
+    if payload.len() > MAX_COMMAND_PAYLOAD {
+        return Err(CommandError::TooLarge {
+            size: payload.len(),
+            max: MAX_COMMAND_PAYLOAD,
+        });
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| CommandError::NotUtf8)?;
+    Ok(text.trim())
 }
 
 fn insert_opt<T: Into<Value>>(doc: &mut Value, key: &str, value: Option<T>) {
@@ -337,6 +509,7 @@ fn parse_text(kind: CommandKind, text: &str) -> Result<Command, CommandError> {
     match kind {
         CommandKind::Stop => Ok(Command::Stop),
         CommandKind::Ping => Ok(Command::Ping),
+        CommandKind::Decommission => Ok(Command::Decommission),
         CommandKind::Drive => match words.as_slice() {
             [] => Err(CommandError::Empty {
                 expected: "a direction: forward, backward, left, right or stop",
@@ -519,7 +692,9 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
             &["servo1", "servo2", "preset"],
             "servo1, servo2, preset, id, traceparent, tracestate, deadline_ms",
         ),
-        CommandKind::Stop | CommandKind::Ping => (&[], "id, traceparent, tracestate, deadline_ms"),
+        CommandKind::Stop | CommandKind::Ping | CommandKind::Decommission => {
+            (&[], "id, traceparent, tracestate, deadline_ms")
+        }
     };
     if let Some(field) = doc
         .keys()
@@ -535,6 +710,7 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
     let command = match kind {
         CommandKind::Stop => Command::Stop,
         CommandKind::Ping => Command::Ping,
+        CommandKind::Decommission => Command::Decommission,
         CommandKind::Drive => Command::Drive {
             direction: required_str(&doc, "direction")?.parse()?,
             speed: optional_int(&doc, "speed")?
@@ -628,9 +804,17 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
         }
     };
 
+    with_envelope_fields(&doc, command)
+}
+
+/// The fields every JSON command may carry next to its own: id, trace context, deadline.
+fn with_envelope_fields(
+    doc: &Map<String, Value>,
+    command: Command,
+) -> Result<CommandEnvelope, CommandError> {
     Ok(CommandEnvelope {
-        id: optional_id(&doc)?,
-        traceparent: optional_str(&doc, "traceparent")?
+        id: optional_id(doc)?,
+        traceparent: optional_str(doc, "traceparent")?
             .map(|t| {
                 t.parse().map_err(|_| CommandError::InvalidValue {
                     field: "traceparent",
@@ -639,7 +823,7 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
                 })
             })
             .transpose()?,
-        tracestate: optional_str(&doc, "tracestate")?
+        tracestate: optional_str(doc, "tracestate")?
             .map(|t| {
                 if t.len() <= MAX_TRACESTATE_LEN && t.is_ascii() {
                     Ok(t.to_owned())
@@ -652,7 +836,7 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
                 }
             })
             .transpose()?,
-        deadline_ms: optional_int(&doc, "deadline_ms")?
+        deadline_ms: optional_int(doc, "deadline_ms")?
             .map(|v| {
                 u64::try_from(v).map_err(|_| CommandError::OutOfRange {
                     field: "deadline_ms",
@@ -915,6 +1099,47 @@ mod tests {
     }
 
     #[test]
+    fn channel_topics_take_one_value() {
+        let at = |name: &str, payload: &str| {
+            let address: CommandAddress = name.parse().unwrap();
+            CommandEnvelope::parse_at(address, payload.as_bytes()).map(|e| e.command)
+        };
+        assert_eq!(
+            at("servo1", "45").unwrap(),
+            Command::Servo(ServoTarget([Some(45), None]))
+        );
+        assert_eq!(
+            at("servo2", "-90.0").unwrap(),
+            Command::Servo(ServoTarget([None, Some(-90)]))
+        );
+        assert_eq!(
+            at("motor2", "7").unwrap(),
+            Command::Speed(SpeedTarget([None, Some(7)]))
+        );
+        assert_eq!(
+            at("motor1", r#"{"value":3,"id":"ha-1"}"#).unwrap(),
+            Command::Speed(SpeedTarget([Some(3), None]))
+        );
+        assert!(matches!(
+            at("servo1", "91"),
+            Err(CommandError::OutOfRange {
+                field: "servo1",
+                ..
+            })
+        ));
+        assert!(matches!(at("motor1", ""), Err(CommandError::Empty { .. })));
+        assert!(at("motor1", "3 4").is_err());
+        assert!(at("motor1", r#"{"speed":3}"#).is_err());
+        assert!(at("motor1", r#"{}"#).is_err());
+        assert!(at("servo1", "12.5").is_err());
+        // Whole commands go through the same entry point.
+        assert_eq!(at("eyes", "ON").unwrap(), Command::Eyes(EyesCommand::On));
+        assert_eq!(at("decommission", "").unwrap(), Command::Decommission);
+        assert!("servo3".parse::<CommandAddress>().is_err());
+        assert_eq!(CommandAddress::all().count(), 11);
+    }
+
+    #[test]
     fn canonical_json_round_trips() {
         let commands = [
             Command::Drive {
@@ -931,6 +1156,7 @@ mod tests {
             Command::Servo(ServoTarget([None, Some(-90)])),
             Command::Stop,
             Command::Ping,
+            Command::Decommission,
         ];
         for command in commands {
             let mut env = CommandEnvelope::new(command);

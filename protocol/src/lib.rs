@@ -6,14 +6,16 @@
 //! `docs/protocol.md` is the human-readable version of this crate.
 
 pub mod command;
+pub mod discovery;
 pub mod state;
 pub mod topic;
 pub mod trace;
 
 pub use command::{
-    Command, CommandEnvelope, CommandError, CommandKind, Direction, EyesCommand, ServoTarget,
-    SpeedTarget,
+    Channel, Command, CommandAddress, CommandEnvelope, CommandError, CommandKind, Direction,
+    EyesCommand, ServoTarget, SpeedTarget,
 };
+pub use discovery::{Capabilities, DiscoveryDevice, DiscoveryPrefix};
 pub use state::{
     Availability, CommandOutcome, CommandResult, EyesState, LastCommand, MotorDirection,
     MotorState, RobotState,

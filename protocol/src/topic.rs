@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::command::CommandKind;
+use crate::command::{CommandAddress, CommandKind};
 
 /// The robot id that addresses every robot at once (`fleet/all/cmd/stop` is the e-stop).
 pub const ALL_ROBOTS: &str = "all";
@@ -29,7 +29,9 @@ pub enum TopicError {
     InvalidPrefix(String),
     #[error("topic {0:?} is not a command topic (<prefix>/<robot>/cmd/<command>)")]
     NotACommandTopic(String),
-    #[error("unknown command {0:?} (expected drive, speed, eyes, servo, stop or ping)")]
+    #[error(
+        "unknown command {0:?} (expected drive, speed, eyes, servo, stop, ping, decommission, motor1, motor2, servo1 or servo2)"
+    )]
     UnknownCommand(String),
 }
 
@@ -74,21 +76,25 @@ impl FromStr for RobotId {
     }
 }
 
+/// A prefix of topic levels: non-empty, no wildcards or NUL, no leading or trailing `/`.
+pub(crate) fn checked_prefix(prefix: String) -> Result<String, TopicError> {
+    let bad = prefix.is_empty()
+        || prefix.starts_with('/')
+        || prefix.ends_with('/')
+        || prefix.contains(['+', '#', '\0']);
+    if bad {
+        return Err(TopicError::InvalidPrefix(prefix));
+    }
+    Ok(prefix)
+}
+
 /// The first topic level of every fleet topic (default `fleet`). May contain `/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicPrefix(String);
 
 impl TopicPrefix {
     pub fn new(prefix: impl Into<String>) -> Result<Self, TopicError> {
-        let prefix = prefix.into();
-        let bad = prefix.is_empty()
-            || prefix.starts_with('/')
-            || prefix.ends_with('/')
-            || prefix.contains(['+', '#', '\0']);
-        if bad {
-            return Err(TopicError::InvalidPrefix(prefix));
-        }
-        Ok(Self(prefix))
+        checked_prefix(prefix.into()).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -142,6 +148,11 @@ impl Topics {
         format!("{}/{}/cmd/{}", self.prefix, robot, kind)
     }
 
+    /// `<prefix>/<robot>/cmd/<command or channel>`, e.g. `fleet/linus/cmd/servo1`.
+    pub fn command_at(&self, robot: &RobotId, address: CommandAddress) -> String {
+        format!("{}/{}/cmd/{}", self.prefix, robot, address)
+    }
+
     /// `<prefix>/all/cmd/<command>`: reaches every robot.
     pub fn fleet_command(&self, kind: CommandKind) -> String {
         format!("{}/{ALL_ROBOTS}/cmd/{}", self.prefix, kind)
@@ -183,8 +194,11 @@ impl Topics {
         format!("{}/_gateway/{instance}/result", self.prefix)
     }
 
-    /// Parses `<prefix>/<robot|all>/cmd/<command>`.
-    pub fn parse_command(&self, topic: &str) -> Result<(CommandTarget, CommandKind), TopicError> {
+    /// Parses `<prefix>/<robot|all>/cmd/<command or channel>`.
+    pub fn parse_command(
+        &self,
+        topic: &str,
+    ) -> Result<(CommandTarget, CommandAddress), TopicError> {
         let not_command = || TopicError::NotACommandTopic(topic.to_owned());
         let rest = topic
             .strip_prefix(self.prefix.as_str())
@@ -201,10 +215,10 @@ impl Topics {
         } else {
             CommandTarget::Robot(RobotId::new(robot)?)
         };
-        let kind = command
+        let address = command
             .parse()
             .map_err(|_| TopicError::UnknownCommand(command.to_owned()))?;
-        Ok((target, kind))
+        Ok((target, address))
     }
 
     /// The robot a `<prefix>/<robot>/<leaf>` topic belongs to, if it is one of ours.
@@ -255,11 +269,18 @@ mod tests {
         let t = Topics::default();
         assert_eq!(
             t.parse_command("fleet/linus/cmd/drive").unwrap(),
-            (CommandTarget::Robot(linus()), CommandKind::Drive)
+            (CommandTarget::Robot(linus()), CommandKind::Drive.into())
         );
         assert_eq!(
             t.parse_command("fleet/all/cmd/stop").unwrap(),
-            (CommandTarget::All, CommandKind::Stop)
+            (CommandTarget::All, CommandKind::Stop.into())
+        );
+        assert_eq!(
+            t.parse_command("fleet/linus/cmd/servo2").unwrap(),
+            (
+                CommandTarget::Robot(linus()),
+                CommandAddress::Channel(crate::command::Channel::Servo(1))
+            )
         );
         assert!(matches!(
             t.parse_command("fleet/linus/cmd/dance"),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fleet_protocol::{Direction, RobotId, Topics};
+use fleet_protocol::{Capabilities, Direction, DiscoveryPrefix, RobotId, Topics};
 use serde::Deserialize;
 
 /// Levels of the four H-bridge inputs, in the order of `RobotConfig::motor_inputs`.
@@ -74,6 +74,14 @@ impl RobotConfig {
         }
     }
 
+    /// What the hardware can do, for the Home Assistant entities it gets.
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            speed_control: self.motor_enables.is_some(),
+            servos: self.servos.len(),
+        }
+    }
+
     /// Every pin the robot uses (for claiming them from the GPIO driver).
     pub fn pins(&self) -> Vec<u8> {
         let mut pins = self.motor_inputs.to_vec();
@@ -127,6 +135,9 @@ pub struct NodeSettings {
     pub keep_alive_s: Option<u64>,
     pub heartbeat_s: Option<u64>,
     pub metrics_addr: Option<String>,
+    pub discovery: Option<bool>,
+    pub discovery_prefix: Option<String>,
+    pub gateway_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -234,6 +245,31 @@ pub struct BrokerAddress {
     pub port: u16,
 }
 
+/// Home Assistant MQTT discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoverySettings {
+    /// Publish the discovery document (on every connect and when Home Assistant starts).
+    /// When off, nothing is published, but `decommission` still clears the topic.
+    pub enabled: bool,
+    pub prefix: DiscoveryPrefix,
+    /// The gateway's web UI, linked from the Home Assistant device page.
+    pub configuration_url: Option<String>,
+    /// Longest random wait before re-publishing after Home Assistant's birth message, so
+    /// that a large fleet does not answer all at once.
+    pub birth_delay_max: Duration,
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            prefix: DiscoveryPrefix::default(),
+            configuration_url: None,
+            birth_delay_max: Duration::from_secs(3),
+        }
+    }
+}
+
 /// How one node runs one robot.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -258,6 +294,7 @@ pub struct NodeConfig {
     /// MQTT username and password, when the broker wants them (the username is the
     /// robot id: the broker's ACL is templated by it).
     pub credentials: Option<(String, String)>,
+    pub discovery: DiscoverySettings,
 }
 
 impl NodeConfig {
@@ -274,6 +311,7 @@ impl NodeConfig {
             session_expiry: Duration::from_secs(300),
             heartbeat: Duration::from_secs(30),
             credentials: None,
+            discovery: DiscoverySettings::default(),
         }
     }
 }

@@ -8,7 +8,7 @@ pub mod metrics;
 pub mod node;
 pub mod robot;
 
-pub use config::{BrokerAddress, ConfigFile, NodeConfig, RobotConfig};
+pub use config::{BrokerAddress, ConfigFile, DiscoverySettings, NodeConfig, RobotConfig};
 pub use driver::{Driver, RecordingDriver, SimulatedDriver};
 pub use metrics::NodeMetrics;
 pub use node::{NodeError, NodeHandle, run, spawn};

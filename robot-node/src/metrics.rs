@@ -26,6 +26,7 @@ pub struct NodeMetrics {
     pub link_loss_stops: Counter,
     pub publishes_dropped: Counter,
     pub robots_connected: Gauge,
+    pub discovery_published: Counter,
 }
 
 impl Default for NodeMetrics {
@@ -74,6 +75,12 @@ impl Default for NodeMetrics {
             "Robots of this process currently connected to the broker",
             robots_connected.clone(),
         );
+        let discovery_published = Counter::default();
+        registry.register(
+            "fleet_node_discovery_published",
+            "Home Assistant discovery documents published (each connect and each Home Assistant start)",
+            discovery_published.clone(),
+        );
         fleet_runtime::process::register(&mut registry);
         Self {
             registry,
@@ -84,6 +91,7 @@ impl Default for NodeMetrics {
             link_loss_stops,
             publishes_dropped,
             robots_connected,
+            discovery_published,
         }
     }
 }

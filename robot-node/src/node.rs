@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use fleet_protocol::trace::TRACESTATE;
 use fleet_protocol::{
-    Availability, COMMAND_ID_PROPERTY, Command, CommandEnvelope, CommandKind, CommandOutcome,
-    CommandResult, CommandTarget, EyesCommand, LastCommand, TopicError, Topics, TraceParent,
-    command::validate_id,
+    Availability, COMMAND_ID_PROPERTY, Command, CommandAddress, CommandEnvelope, CommandKind,
+    CommandOutcome, CommandResult, CommandTarget, DiscoveryDevice, EyesCommand, LastCommand,
+    TopicError, Topics, TraceParent, command::validate_id,
 };
 use fleet_runtime::telemetry::set_remote_parent;
 use rumqttc::Outgoing;
@@ -33,6 +33,8 @@ const MAX_INCOMING_PACKET: u32 = 2 * 1024 * 1024;
 const OUTGOING_CAPACITY: usize = 1024;
 /// QoS 1 publishes (results, state) awaiting their PUBACK at once.
 const OUTGOING_INFLIGHT: u16 = 64;
+/// Shortest MQTT keep-alive the client library accepts.
+pub const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A connection that lasted this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
@@ -64,9 +66,9 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let robot = Robot::new(config.robot.clone(), driver)?;
     let (client, eventloop) = AsyncClient::new(mqtt_options(&config), OUTGOING_CAPACITY);
-    let (events_tx, events) = mpsc::channel(256);
+    let (events_tx, mut events) = mpsc::channel(256);
     // Stops skip the queue: a backlog of drive commands must not delay an e-stop.
-    let (stops_tx, stops) = mpsc::channel(64);
+    let (stops_tx, mut stops) = mpsc::channel(64);
     let link = tokio::spawn(drive_link(
         eventloop,
         config.topics.clone(),
@@ -84,11 +86,16 @@ pub async fn run(
         motors_deadline: None,
         eye_deadline: None,
         last_stop_received: None,
+        discovery_due: None,
+        decommissioned: false,
     };
-    node.serve(events, stops, shutdown).await;
+    node.serve(&mut events, &mut stops, shutdown).await;
     node.leave().await;
-    // The link task ends once the DISCONNECT is written; don't wait forever for a dead link.
+    // The link task ends once the last publishes and the DISCONNECT are written (the
+    // receivers stay open until then: closing them would end it before it flushed);
+    // don't wait forever for a dead link.
     let _ = tokio::time::timeout(Duration::from_secs(1), link).await;
+    drop((events, stops));
     Ok(())
 }
 
@@ -99,7 +106,8 @@ fn mqtt_options(config: &NodeConfig) -> MqttOptions {
         config.broker.host.clone(),
         config.broker.port,
     );
-    options.set_keep_alive(config.keep_alive);
+    // rumqttc refuses (panics on) keep-alives under 5 s; the binary refuses them too.
+    options.set_keep_alive(config.keep_alive.max(MIN_KEEP_ALIVE));
     if let Some((username, password)) = &config.credentials {
         options.set_credentials(username.clone(), password.clone());
     }
@@ -151,7 +159,8 @@ async fn drive_link(
                     publish,
                 };
                 let topic = String::from_utf8_lossy(&received.publish.topic);
-                if matches!(topics.parse_command(&topic), Ok((_, CommandKind::Stop))) {
+                let stop = CommandAddress::Command(CommandKind::Stop);
+                if matches!(topics.parse_command(&topic), Ok((_, address)) if address == stop) {
                     if stops.send(received).await.is_err() {
                         return;
                     }
@@ -159,7 +168,13 @@ async fn drive_link(
                 }
                 LinkEvent::Message(Box::new(received))
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                // rumqttc reports the DISCONNECT before it has flushed it (and whatever
+                // was queued before it): keep polling until the broker closes the link.
+                let flush = async { while eventloop.poll().await.is_ok() {} };
+                let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+                return;
+            }
             Ok(_) => continue,
             Err(error) => {
                 if connected_at
@@ -226,13 +241,17 @@ struct Node {
     eye_deadline: Option<Instant>,
     /// When the latest stop was received: commands received before it are stale.
     last_stop_received: Option<Instant>,
+    /// When to re-publish discovery (a random moment after Home Assistant's birth message).
+    discovery_due: Option<Instant>,
+    /// Set by `decommission`: the node clears its topics and leaves.
+    decommissioned: bool,
 }
 
 impl Node {
     async fn serve(
         &mut self,
-        mut events: mpsc::Receiver<LinkEvent>,
-        mut stops: mpsc::Receiver<Received>,
+        events: &mut mpsc::Receiver<LinkEvent>,
+        stops: &mut mpsc::Receiver<Received>,
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
@@ -249,6 +268,10 @@ impl Node {
                 Some(stop) = stops.recv() => self.on_message(stop),
                 () = sleep_until_opt(self.motors_deadline) => self.dead_man_stop(),
                 () = sleep_until_opt(self.eye_deadline) => self.end_blink(),
+                () = sleep_until_opt(self.discovery_due) => {
+                    self.discovery_due = None;
+                    if self.connected { self.announce() }
+                }
                 event = events.recv() => match event {
                     Some(LinkEvent::Connected) => self.on_connected(),
                     Some(LinkEvent::Disconnected(reason)) => self.on_link_lost(&reason),
@@ -256,6 +279,9 @@ impl Node {
                     None => return,
                 },
                 _ = heartbeat.tick() => if self.connected { self.publish_state() },
+            }
+            if self.decommissioned {
+                return;
             }
         }
     }
@@ -275,18 +301,84 @@ impl Node {
         tracing::info!(robot = %id, broker = %format!("{}:{}", self.config.broker.host, self.config.broker.port), "connected");
         // rumqttc does not restore subscriptions, and the session may be new: subscribe
         // after every connect (repeating a subscription is harmless).
-        for filter in [topics.command_filter(id), topics.fleet_command_filter()] {
+        let mut filters = vec![topics.command_filter(id), topics.fleet_command_filter()];
+        if self.config.discovery.enabled {
+            // Home Assistant's birth message: it has (re)started and wants discovery again.
+            filters.push(self.config.discovery.prefix.status_topic());
+        }
+        for filter in filters {
             if let Err(error) = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                 tracing::error!(%filter, %error, "cannot queue the subscription");
             }
         }
+        self.announce();
+    }
+
+    /// Availability, then the discovery document, then the state: Home Assistant reads
+    /// the retained state once the entities exist.
+    fn announce(&mut self) {
+        let topics = &self.config.topics;
+        let id = &self.config.robot.id;
         self.publish(
             topics.status(id),
             true,
             Availability::Online.as_str().into(),
             None,
         );
+        if self.config.discovery.enabled {
+            let device = self.discovery_device();
+            let payload = serde_json::to_vec(&device.document()).unwrap_or_default();
+            self.publish(device.config_topic(), true, payload, None);
+            self.metrics.discovery_published.inc();
+        }
         self.publish_state();
+    }
+
+    fn discovery_device(&self) -> DiscoveryDevice<'_> {
+        DiscoveryDevice {
+            topics: &self.config.topics,
+            prefix: &self.config.discovery.prefix,
+            robot: &self.config.robot.id,
+            capabilities: self.config.robot.capabilities(),
+            sw_version: env!("CARGO_PKG_VERSION"),
+            configuration_url: self.config.discovery.configuration_url.as_deref(),
+        }
+    }
+
+    /// Home Assistant said `online` on its status topic: re-publish after a random delay
+    /// (a whole fleet answering at the same instant would be a burst for nothing).
+    fn on_home_assistant_status(&mut self, payload: &[u8]) {
+        let status = String::from_utf8_lossy(payload);
+        if status.trim() != "online" {
+            tracing::debug!(status = %status.escape_debug(), "Home Assistant status");
+            return;
+        }
+        if self.discovery_due.is_none() {
+            let delay = self
+                .config
+                .discovery
+                .birth_delay_max
+                .mul_f64(rand::random::<f64>());
+            tracing::info!(?delay, "Home Assistant started: re-publishing discovery");
+            self.discovery_due = Some(Instant::now() + delay);
+        }
+    }
+
+    /// Takes the robot out: empty retained payloads remove it from Home Assistant and
+    /// clear its state and availability; then the node leaves without a last will.
+    fn clear_retained_topics(&mut self) {
+        let topics = &self.config.topics;
+        let id = &self.config.robot.id;
+        let cleared = [
+            self.discovery_device().config_topic(),
+            topics.state(id),
+            topics.status(id),
+        ];
+        for topic in cleared {
+            self.publish(topic, true, Vec::new(), None);
+        }
+        tracing::warn!(robot = %self.robot_name(), "decommissioned: discovery, state and status cleared; leaving");
+        self.decommissioned = true;
     }
 
     fn on_link_lost(&mut self, reason: &str) {
@@ -332,6 +424,10 @@ impl Node {
         }: Received,
     ) {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        if self.config.discovery.enabled && topic == self.config.discovery.prefix.status_topic() {
+            self.on_home_assistant_status(&publish.payload);
+            return;
+        }
         let properties = publish.properties.unwrap_or_default();
         let user_properties = || {
             properties
@@ -342,17 +438,17 @@ impl Node {
 
         let mut fleet_wide = false;
         let (command_name, parsed) = match self.config.topics.parse_command(&topic) {
-            Ok((target, kind)) => {
+            Ok((target, address)) => {
                 fleet_wide = target == CommandTarget::All;
                 (
-                    kind.as_str().to_owned(),
-                    CommandEnvelope::parse(kind, &publish.payload).map_err(CommandFailure::from),
+                    address.as_str().to_owned(),
+                    CommandEnvelope::parse_at(address, &publish.payload)
+                        .map_err(CommandFailure::from),
                 )
             }
-            Err(TopicError::UnknownCommand(name)) => {
-                let message = format!(
-                    "unknown command {name:?} (expected drive, speed, eyes, servo or stop)"
-                );
+            Err(error @ TopicError::UnknownCommand(_)) => {
+                let name = topic.rsplit('/').next().unwrap_or_default().to_owned();
+                let message = error.to_string();
                 (
                     name,
                     Err(CommandFailure {
@@ -411,6 +507,12 @@ impl Node {
 
         let outcome = parsed.and_then(|envelope| {
             check_deadline(envelope.deadline_ms)?;
+            if envelope.command == Command::Decommission && fleet_wide {
+                return Err(CommandFailure {
+                    code: "not_allowed",
+                    message: "decommission addresses one robot, not the whole fleet".to_owned(),
+                });
+            }
             if envelope.command == Command::Stop {
                 self.last_stop_received = Some(received);
             } else if self.last_stop_received.is_some_and(|stop| received < stop) {
@@ -438,7 +540,11 @@ impl Node {
                 )
             }
         };
-        let known_kind = command_name.parse::<CommandKind>().ok();
+        let known_kind = command_name
+            .parse::<CommandAddress>()
+            .ok()
+            .map(CommandAddress::kind);
+        let decommissioning = outcome.is_ok() && known_kind == Some(CommandKind::Decommission);
         // A ping (the gateway's prober) changes nothing, so it is not the "last command".
         let changes_state = known_kind.is_some_and(|k| k != CommandKind::Ping);
         if let Some(kind) = known_kind.filter(|_| changes_state) {
@@ -463,6 +569,9 @@ impl Node {
         let label = known_kind.map_or("other", CommandKind::as_str);
         self.metrics
             .record_command(fleet_wide, label, outcome.is_ok(), received.elapsed());
+        if decommissioning {
+            self.clear_retained_topics();
+        }
     }
 
     fn generate_id(&mut self) -> String {
@@ -588,7 +697,18 @@ impl Node {
     }
 
     /// Safe state, last state, `offline`, and a clean DISCONNECT (so no will is sent).
+    /// A decommissioned node has cleared its topics and leaves them empty.
     async fn leave(&mut self) {
+        if self.decommissioned {
+            self.motors_deadline = None;
+            self.eye_deadline = None;
+            if self.connected {
+                self.connected = false;
+                self.metrics.robots_connected.dec();
+            }
+            let _ = self.client.try_disconnect();
+            return;
+        }
         if let Err(error) = self.robot.safe_state() {
             tracing::error!(robot = %self.robot_name(), %error, "could not reach the safe state on shutdown");
         }

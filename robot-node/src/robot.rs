@@ -146,6 +146,10 @@ impl Robot {
         let now = Instant::now();
         match *command {
             Command::Ping => Ok(Timers::default()),
+            Command::Decommission => {
+                self.safe_state()?;
+                Ok(Timers::default())
+            }
             Command::Stop => {
                 let motors = self.stop_motors();
                 let eye = self.set_eye(false);

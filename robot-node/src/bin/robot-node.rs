@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
-use fleet_protocol::RobotId;
+use fleet_protocol::{DiscoveryPrefix, RobotId};
 use fleet_runtime::{HostPort, TopicArgs};
 use robot_node::driver::{RppalDriver, is_raspberry_pi};
 use robot_node::{
@@ -58,7 +58,8 @@ struct Args {
     /// How long `eyes blink` keeps the eye on, in ms
     #[arg(long, env = "FLEET_BLINK_MS", default_value_t = 500)]
     blink_ms: u64,
-    /// MQTT keep-alive in seconds (the broker declares the node offline after 1.5 × this)
+    /// MQTT keep-alive in seconds, at least 5 (the broker declares the node offline after
+    /// 1.5 × this)
     #[arg(long, env = "FLEET_KEEP_ALIVE_S", default_value_t = 5)]
     keep_alive_s: u64,
     /// How often the state is republished while idle (its last_seen_ms), in seconds
@@ -76,6 +77,16 @@ struct Args {
     /// MQTT password (the username is the robot id); for brokers with authentication
     #[arg(long, env = "FLEET_MQTT_PASSWORD", hide_env_values = true)]
     mqtt_password: Option<String>,
+    /// Do not publish Home Assistant discovery (a `decommission` still clears it)
+    #[arg(long, env = "FLEET_NO_DISCOVERY")]
+    no_discovery: bool,
+    /// Home Assistant's discovery prefix
+    #[arg(long, env = "FLEET_DISCOVERY_PREFIX", default_value = "homeassistant")]
+    discovery_prefix: DiscoveryPrefix,
+    /// The gateway's web UI (e.g. http://fleet.local:8080/), linked from the robot's
+    /// Home Assistant device page
+    #[arg(long, env = "FLEET_GATEWAY_URL")]
+    gateway_url: Option<String>,
     /// Run N simulated robots named <robot>-1 .. <robot>-N in this process (load tests)
     #[arg(long, env = "FLEET_SIMULATE")]
     simulate: Option<u32>,
@@ -190,15 +201,19 @@ async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
     config.max_hold = Duration::from_millis(max_hold_ms);
     config.blink =
         Duration::from_millis(pick(&matches, "blink_ms", args.blink_ms, settings.blink_ms));
-    config.keep_alive = Duration::from_secs(
-        pick(
-            &matches,
-            "keep_alive_s",
-            args.keep_alive_s,
-            settings.keep_alive_s,
-        )
-        .max(1),
-    );
+    config.keep_alive = Duration::from_secs(pick(
+        &matches,
+        "keep_alive_s",
+        args.keep_alive_s,
+        settings.keep_alive_s,
+    ));
+    if config.keep_alive < robot_node::node::MIN_KEEP_ALIVE {
+        bail!(
+            "the keep-alive must be at least {} s, not {} s",
+            robot_node::node::MIN_KEEP_ALIVE.as_secs(),
+            config.keep_alive.as_secs()
+        );
+    }
     config.heartbeat = Duration::from_secs(
         pick(
             &matches,
@@ -214,6 +229,26 @@ async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
     }
     if let Some(client_id) = args.client_id.or(settings.client_id) {
         config.client_id = client_id;
+    }
+    config.discovery.enabled = match settings.discovery {
+        Some(enabled)
+            if matches.value_source("no_discovery") == Some(ValueSource::DefaultValue) =>
+        {
+            enabled
+        }
+        _ => !args.no_discovery,
+    };
+    config.discovery.prefix = pick(
+        &matches,
+        "discovery_prefix",
+        args.discovery_prefix.clone(),
+        parse_file_value("discovery_prefix", settings.discovery_prefix)?,
+    );
+    config.discovery.configuration_url = args.gateway_url.clone().or(settings.gateway_url);
+    if let Some(url) = &config.discovery.configuration_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        bail!("--gateway-url {url:?} must start with http:// or https://");
     }
 
     let metrics = Arc::new(NodeMetrics::default());

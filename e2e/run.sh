@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end suite: the real `fleet` binary, real mosquitto clients (MQTT 3.1.1 and 5),
-# curl against the gateway, and Debian's chromium driving the web page.
+# curl against the gateway, Debian's chromium driving the web page, the fleet against
+# Mosquitto as its broker, and fault tests (e2e/mosquitto.sh).
 # Installs what it needs itself. Artifacts (logs, screenshot) go to e2e/artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ rm -rf "$ART" && mkdir -p "$ART"
 # --- what the suite needs -------------------------------------------------------------
 need_apt=()
 command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
+command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v promtool >/dev/null || need_apt+=(prometheus)
@@ -210,9 +212,14 @@ for entry in linus:robot gateway:controller; do
   printf '[[user]]\nusername = "%s"\npassword_hash = "%s"\nrole = "%s"\n' "$name" "$hash" "${entry##*:}" >>"$users_file"
 done
 SEC_TLS_PORT=${E2E_SECURE_TLS_PORT:-18883}
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
-  -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-  -keyout "$ART/tls.key" -out "$ART/tls.crt" >/dev/null 2>&1
+# A CA, and a server certificate it signed for localhost (as docs/operations.md shows).
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=fleet e2e CA" \
+  -keyout "$ART/ca.key" -out "$ART/ca.crt" >/dev/null 2>&1
+openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+  -keyout "$ART/tls.key" -out "$ART/tls.csr" >/dev/null 2>&1
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$ART/tls.ext"
+openssl x509 -req -in "$ART/tls.csr" -CA "$ART/ca.crt" -CAkey "$ART/ca.key" -CAcreateserial -days 2 \
+  -extfile "$ART/tls.ext" -out "$ART/tls.crt" >/dev/null 2>&1
 "$BROKER" --mqtt-addr 127.0.0.1:$SEC_PORT --metrics-addr 127.0.0.1:$SEC_METRICS --ws-addr off \
   --tls-addr 127.0.0.1:$SEC_TLS_PORT --tls-cert "$ART/tls.crt" --tls-key "$ART/tls.key" \
   --users-file "$users_file" >"$ART/fleet-broker.log" 2>&1 &
@@ -228,15 +235,39 @@ sleep 0.5
 mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u gateway -P gateway-pw -q 1 -t fleet/linus/cmd/drive -m forward
 check "the controller's command reaches the robot's subscription" wait_for 10 has_line "$ART/linus-cmd.txt" '^forward$'
 wait $LINUS_SUB 2>/dev/null || true
-mosquitto_sub -h 127.0.0.1 -p $SEC_TLS_PORT --cafile "$ART/tls.crt" -u linus -P linus-pw \
+mosquitto_sub -h 127.0.0.1 -p $SEC_TLS_PORT --cafile "$ART/ca.crt" -u linus -P linus-pw \
   -t 'fleet/linus/cmd/+' -C 1 -W 15 >"$ART/linus-tls.txt" 2>&1 &
 LINUS_TLS=$!
 sleep 0.5
-mosquitto_pub -h 127.0.0.1 -p $SEC_TLS_PORT --cafile "$ART/tls.crt" -V mqttv5 -u gateway -P gateway-pw \
+mosquitto_pub -h 127.0.0.1 -p $SEC_TLS_PORT --cafile "$ART/ca.crt" -V mqttv5 -u gateway -P gateway-pw \
   -q 1 -t fleet/linus/cmd/eyes -m on
 check "MQTT over TLS: a command from an MQTT 5 client reaches a 3.1.1 subscriber" \
   wait_for 10 has_line "$ART/linus-tls.txt" '^on$'
 wait $LINUS_TLS 2>/dev/null || true
+# The fleet's own clients over TLS with credentials: a robot node and a gateway.
+SEC_HTTP=${E2E_SECURE_HTTP_PORT:-18091}
+FLEET_MQTT_PASSWORD=linus-pw "$NODE" --robot linus --broker localhost:$SEC_TLS_PORT --tls-ca "$ART/ca.crt" \
+  --metrics-addr off >"$ART/tls-node.log" 2>&1 &
+pids+=($!)
+"$ROOT/target/debug/fleet-gateway" --http-addr 127.0.0.1:$SEC_HTTP --broker localhost:$SEC_TLS_PORT \
+  --tls-ca "$ART/ca.crt" --mqtt-username gateway --mqtt-password gateway-pw --robots linus \
+  --probe-interval-s 0 >"$ART/tls-gateway.log" 2>&1 &
+pids+=($!)
+tls_command() {
+  curl -fsS -X POST -d '{"direction":"forward"}' \
+    "http://127.0.0.1:$SEC_HTTP/api/robots/linus/commands/drive?wait=true" | grep -q '"status":"ok"'
+}
+check "robot-node and fleet-gateway over TLS with credentials: a command gets its result" wait_for 20 tls_command
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=other-ca" \
+  -keyout "$ART/other-ca.key" -out "$ART/other-ca.crt" >/dev/null 2>&1
+untrusted_refused() {
+  local out
+  out=$(FLEET_MQTT_PASSWORD=linus-pw timeout 3 "$NODE" --robot linus --client-id robot-untrusted \
+    --broker localhost:$SEC_TLS_PORT --tls-ca "$ART/other-ca.crt" --metrics-addr off 2>&1)
+  echo "$out" >"$ART/tls-untrusted.log"
+  [[ $out == *"cannot connect to the broker"*[Cc]ertificate* && $out != *"node: connected"* && $out != *panicked* ]]
+}
+check "a node that does not trust the broker's certificate says so and does not connect" untrusted_refused
 check "a robot may not read another robot's commands (3.1.1)" \
   bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -u linus -P linus-pw -t 'fleet/torvalds/cmd/+' -W 3 2>&1 | grep -q 'denied'"
 check "a robot may not read another robot's commands (5)" \
@@ -350,6 +381,9 @@ check "... and its resolution arrives when the robots are back" \
   wait_for 60 has_line "$ART/alerts-received.jsonl" '"status":"resolved".*"alertname":"FleetRobotOffline"'
 check "the Watchdog went to the null receiver, not the webhook" \
   bash -c "! grep -q '\"alertname\":\"Watchdog\"' '$ART/alerts-received.jsonl'"
+
+# Mosquitto as the broker, and the fault tests.
+source e2e/mosquitto.sh
 
 # A clean shutdown leaves the robots safe and offline.
 kill -TERM $FLEET_PID

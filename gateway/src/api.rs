@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -291,7 +292,20 @@ async fn events(
             }
         }
     });
-    Sse::new(snapshot.chain(updates).map(Ok)).keep_alive(KeepAlive::default())
+    let mut closing = state.closing.subscribe();
+    let closed = async move {
+        let _ = closing.wait_for(|closing| *closing).await;
+    };
+    // Browsers retry after `retry` ms when the stream ends (restart, deploy, network).
+    let retry = stream::once(async { Event::default().retry(Duration::from_secs(1)) });
+    Sse::new(
+        retry
+            .chain(snapshot)
+            .chain(updates)
+            .take_until(closed)
+            .map(Ok),
+    )
+    .keep_alive(KeepAlive::default())
 }
 
 async fn snapshot_event(fleet: Arc<crate::Fleet>) -> Event {

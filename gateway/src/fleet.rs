@@ -173,7 +173,12 @@ fn now_ms() -> u64 {
 }
 
 /// Connection settings for the gateway's MQTT client.
-pub(crate) fn mqtt_options(client_id: &str, host: &str, port: u16) -> MqttOptions {
+pub(crate) fn mqtt_options(
+    client_id: &str,
+    host: &str,
+    port: u16,
+    tls: Option<&fleet_runtime::mqtt_tls::MqttTls>,
+) -> MqttOptions {
     let mut options = MqttOptions::new(client_id, host, port);
     options.set_keep_alive(Duration::from_secs(10));
     options.set_clean_start(true);
@@ -181,6 +186,9 @@ pub(crate) fn mqtt_options(client_id: &str, host: &str, port: u16) -> MqttOption
     // rumqttc preallocates a slot per in-flight publish (65,535 by default, ~13 MB);
     // 1,024 commands in flight covers bursts at well over 1,000 commands/s.
     options.set_outgoing_inflight_upper_limit(1024);
+    if let Some(tls) = tls {
+        options.set_transport(tls.transport());
+    }
     options
 }
 

@@ -86,6 +86,8 @@ pub struct GatewayConfig {
     pub probe_timeout: Duration,
     /// MQTT username and password, when the broker wants them.
     pub credentials: Option<(String, String)>,
+    /// Connect over TLS, trusting this CA; plain TCP when `None`.
+    pub tls: Option<fleet_runtime::mqtt_tls::MqttTls>,
 }
 
 impl GatewayConfig {
@@ -126,6 +128,7 @@ impl GatewayConfig {
             probe_interval: Some(Duration::from_secs(15)),
             probe_timeout: Duration::from_secs(2),
             credentials: None,
+            tls: None,
         }
     }
 }
@@ -143,6 +146,9 @@ pub struct AppState {
     pub probe_timeout: Duration,
     pub api_token: Option<Arc<str>>,
     pub limiter: Arc<RateLimiter>,
+    /// Set when the server shuts down: live streams end so that the shutdown can finish
+    /// (browsers reconnect to the next instance).
+    pub closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Creates the gateway's state and starts its MQTT link in the background.
@@ -150,8 +156,12 @@ pub fn connect(config: &GatewayConfig) -> AppState {
     let fleet = Arc::new(Fleet::new(config.topics.clone(), &config.robots));
     let metrics = Arc::new(Metrics::default());
     let reply_topic = config.topics.gateway_replies(&config.client_id);
-    let mut options =
-        fleet::mqtt_options(&config.client_id, &config.broker_host, config.broker_port);
+    let mut options = fleet::mqtt_options(
+        &config.client_id,
+        &config.broker_host,
+        config.broker_port,
+        config.tls.as_ref(),
+    );
     if let Some((username, password)) = &config.credentials {
         options.set_credentials(username.clone(), password.clone());
     }
@@ -175,6 +185,7 @@ pub fn connect(config: &GatewayConfig) -> AppState {
         probe_timeout: config.probe_timeout,
         api_token: config.api_token.as_deref().map(Arc::from),
         limiter: Arc::new(RateLimiter::new(config.rate_limit, config.rate_burst)),
+        closing: Arc::new(tokio::sync::watch::Sender::new(false)),
     };
     if let Some(interval) = config.probe_interval {
         probe::spawn(state.clone(), interval);
@@ -188,6 +199,12 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let closing = state.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Live streams never end by themselves; a graceful shutdown waits for them.
+        closing.send_replace(true);
+    };
     // The client address feeds the per-client rate limit.
     axum::serve(
         listener,

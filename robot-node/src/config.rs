@@ -138,6 +138,7 @@ pub struct NodeSettings {
     pub discovery: Option<bool>,
     pub discovery_prefix: Option<String>,
     pub gateway_url: Option<String>,
+    pub tls_ca: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -295,6 +296,8 @@ pub struct NodeConfig {
     /// robot id: the broker's ACL is templated by it).
     pub credentials: Option<(String, String)>,
     pub discovery: DiscoverySettings,
+    /// Connect over TLS, trusting this CA; plain TCP when `None`.
+    pub tls: Option<fleet_runtime::mqtt_tls::MqttTls>,
 }
 
 impl NodeConfig {
@@ -312,6 +315,7 @@ impl NodeConfig {
             heartbeat: Duration::from_secs(30),
             credentials: None,
             discovery: DiscoverySettings::default(),
+            tls: None,
         }
     }
 }

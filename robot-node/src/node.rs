@@ -2,6 +2,8 @@
 //! availability through the last will, and the dead-man timer that stops the motors when
 //! drive commands stop coming or the broker link is lost.
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,6 +35,13 @@ const MAX_INCOMING_PACKET: u32 = 2 * 1024 * 1024;
 const OUTGOING_CAPACITY: usize = 1024;
 /// QoS 1 publishes (results, state) awaiting their PUBACK at once.
 const OUTGOING_INFLIGHT: u16 = 64;
+/// Publishes held back while the client's queue is full (see `Node::publish`).
+const MAX_UNSENT: usize = 4096;
+/// How often a held-back publish is retried.
+const UNSENT_RETRY: Duration = Duration::from_millis(5);
+/// At most one state publish per this interval; changes in between are folded into the
+/// next one (the state is "latest wins"), so a command burst does not double the traffic.
+const STATE_INTERVAL: Duration = Duration::from_millis(20);
 /// Shortest MQTT keep-alive the client library accepts.
 pub const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A connection that lasted this long resets the reconnect backoff.
@@ -88,6 +97,9 @@ pub async fn run(
         last_stop_received: None,
         discovery_due: None,
         decommissioned: false,
+        unsent: RefCell::default(),
+        state_dirty: Cell::new(false),
+        state_published_at: Cell::new(None),
     };
     node.serve(&mut events, &mut stops, shutdown).await;
     node.leave().await;
@@ -118,6 +130,9 @@ fn mqtt_options(config: &NodeConfig) -> MqttOptions {
         u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX),
     ));
     options.set_max_packet_size(Some(MAX_INCOMING_PACKET));
+    if let Some(tls) = &config.tls {
+        options.set_transport(tls.transport());
+    }
     // rumqttc preallocates a slot per in-flight publish, 65,535 by default (about 13 MB);
     // a node has a handful of publishes in flight.
     options.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
@@ -142,6 +157,7 @@ async fn drive_link(
 ) {
     let mut backoff = Backoff::default();
     let mut connected_at: Option<Instant> = None;
+    let mut failures: u32 = 0;
     loop {
         let polled = tokio::select! {
             polled = eventloop.poll() => polled,
@@ -151,6 +167,7 @@ async fn drive_link(
         let event = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(Instant::now());
+                failures = 0;
                 LinkEvent::Connected
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -185,7 +202,14 @@ async fn drive_link(
                 }
                 let delay = backoff.next_delay();
                 let message = error.to_string();
-                tracing::debug!(error = %message, ?delay, "broker connection failed, retrying");
+                failures += 1;
+                // Loud at first, then less and less often: a broker that stays away (or a
+                // certificate that is not trusted) must be visible without flooding the log.
+                if failures.is_power_of_two() {
+                    tracing::warn!(error = %message, failures, ?delay, "cannot connect to the broker, retrying");
+                } else {
+                    tracing::debug!(error = %message, failures, ?delay, "cannot connect to the broker, retrying");
+                }
                 if events.send(LinkEvent::Disconnected(message)).await.is_err() {
                     return;
                 }
@@ -245,6 +269,20 @@ struct Node {
     discovery_due: Option<Instant>,
     /// Set by `decommission`: the node clears its topics and leaves.
     decommissioned: bool,
+    /// Publishes (results first of all) waiting for room in the client's queue.
+    unsent: RefCell<VecDeque<OutgoingPublish>>,
+    /// The state changed since the last state publish, which was too recent to repeat.
+    state_dirty: Cell<bool>,
+    state_published_at: Cell<Option<Instant>>,
+}
+
+/// A QoS 1 publish the node wants to send.
+#[derive(Clone)]
+struct OutgoingPublish {
+    topic: String,
+    retain: bool,
+    payload: Vec<u8>,
+    properties: Option<PublishProperties>,
 }
 
 impl Node {
@@ -279,6 +317,7 @@ impl Node {
                     None => return,
                 },
                 _ = heartbeat.tick() => if self.connected { self.publish_state() },
+                () = sleep_until_opt(self.flush_due()) => self.flush(),
             }
             if self.decommissioned {
                 return;
@@ -374,6 +413,8 @@ impl Node {
             topics.state(id),
             topics.status(id),
         ];
+        // A folded state publish must not bring the state back after it was cleared.
+        self.state_dirty.set(false);
         for topic in cleared {
             self.publish(topic, true, Vec::new(), None);
         }
@@ -659,7 +700,23 @@ impl Node {
         self.publish(topic, false, payload, properties);
     }
 
-    fn publish_state(&mut self) {
+    /// Publishes the state now, or folds it into the next publish when the last one was
+    /// less than `STATE_INTERVAL` ago.
+    fn publish_state(&self) {
+        let too_soon = self
+            .state_published_at
+            .get()
+            .is_some_and(|at| at.elapsed() < STATE_INTERVAL);
+        if too_soon {
+            self.state_dirty.set(true);
+        } else {
+            self.publish_state_now();
+        }
+    }
+
+    fn publish_state_now(&self) {
+        self.state_dirty.set(false);
+        self.state_published_at.set(Some(Instant::now()));
         let payload = serde_json::to_vec(&self.robot.state(now_ms())).unwrap_or_default();
         self.publish(
             self.config.topics.state(&self.config.robot.id),
@@ -669,8 +726,42 @@ impl Node {
         );
     }
 
+    /// When the held-back work (a folded state, publishes waiting for room) is due.
+    fn flush_due(&self) -> Option<Instant> {
+        let state = self
+            .state_dirty
+            .get()
+            .then(|| self.state_published_at.get().map(|at| at + STATE_INTERVAL))
+            .flatten();
+        let unsent = (!self.unsent.borrow().is_empty()).then(|| Instant::now() + UNSENT_RETRY);
+        state.into_iter().chain(unsent).min()
+    }
+
+    fn flush(&self) {
+        if self.state_dirty.get()
+            && self
+                .state_published_at
+                .get()
+                .is_none_or(|at| at.elapsed() >= STATE_INTERVAL)
+        {
+            self.publish_state_now();
+        }
+        loop {
+            let Some(next) = self.unsent.borrow().front().cloned() else {
+                return;
+            };
+            if !self.try_queue(&next) {
+                return;
+            }
+            self.unsent.borrow_mut().pop_front();
+        }
+    }
+
     /// Queues a QoS 1 publish without waiting, so the node never blocks on the network
-    /// while motors may be running. A full queue is counted and logged.
+    /// while motors may be running. When the client's queue is full (its event loop
+    /// serves incoming packets first, so a burst of commands can outpace the results),
+    /// the publish waits in `unsent` and is retried in order; only beyond `MAX_UNSENT`
+    /// is one dropped, counted and logged.
     fn publish(
         &self,
         topic: String,
@@ -678,22 +769,43 @@ impl Node {
         payload: Vec<u8>,
         properties: Option<PublishProperties>,
     ) {
+        let message = OutgoingPublish {
+            topic,
+            retain,
+            payload,
+            properties,
+        };
+        let waiting = !self.unsent.borrow().is_empty();
+        if !waiting && self.try_queue(&message) {
+            return;
+        }
+        let mut unsent = self.unsent.borrow_mut();
+        if unsent.len() < MAX_UNSENT {
+            unsent.push_back(message);
+        } else {
+            self.metrics.publishes_dropped.inc();
+            tracing::warn!(topic = %message.topic, held = unsent.len(), "publish dropped: too many publishes waiting for the broker link");
+        }
+    }
+
+    /// Hands one publish to the MQTT client; false when the client's queue is full.
+    fn try_queue(&self, message: &OutgoingPublish) -> bool {
+        let OutgoingPublish {
+            topic,
+            retain,
+            payload,
+            properties,
+        } = message.clone();
         let queued = match properties {
-            Some(p) => self.client.try_publish_with_properties(
-                topic.clone(),
-                QoS::AtLeastOnce,
-                retain,
-                payload,
-                p,
-            ),
+            Some(p) => {
+                self.client
+                    .try_publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, p)
+            }
             None => self
                 .client
-                .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload),
+                .try_publish(topic, QoS::AtLeastOnce, retain, payload),
         };
-        if let Err(error) = queued {
-            self.metrics.publishes_dropped.inc();
-            tracing::warn!(%topic, %error, "publish dropped: outgoing queue full");
-        }
+        queued.is_ok()
     }
 
     /// Safe state, last state, `offline`, and a clean DISCONNECT (so no will is sent).
@@ -706,6 +818,7 @@ impl Node {
                 self.connected = false;
                 self.metrics.robots_connected.dec();
             }
+            self.flush();
             let _ = self.client.try_disconnect();
             return;
         }
@@ -718,13 +831,21 @@ impl Node {
             self.connected = false;
             self.metrics.robots_connected.dec();
         }
-        self.publish_state();
+        self.publish_state_now();
         self.publish(
             self.config.topics.status(&self.config.robot.id),
             true,
             Availability::Offline.as_str().into(),
             None,
         );
+        self.flush();
+        let left_behind = self.unsent.borrow().len();
+        if left_behind > 0 {
+            tracing::warn!(
+                left_behind,
+                "leaving with publishes the broker link never took"
+            );
+        }
         let _ = self.client.try_disconnect();
         tracing::info!(robot = %self.robot_name(), "stopped: outputs safe, status offline");
     }

@@ -331,6 +331,78 @@ async fn losing_the_broker_stops_the_motors_at_once_and_the_node_comes_back() {
     assert!(robot.metrics.connects.get() >= 2);
 }
 
+/// Waits, past the watcher's usual patience, until linus's status is `status`.
+async fn status_by(watcher: &Watcher, status: &str, deadline: Instant) {
+    while !watcher
+        .messages()
+        .iter()
+        .any(|m| m.topic == "fleet/linus/status" && m.text() == status)
+    {
+        assert!(Instant::now() < deadline, "linus never said {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_blackholed_link_stops_the_motors_and_the_broker_declares_the_node_offline() {
+    let broker = start_broker().await;
+    let proxy = TcpProxy::start(broker.mqtt_addr()).await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let mut linus_config = config(proxy.addr(), RobotConfig::linus());
+    linus_config.default_hold = Duration::from_millis(300);
+    let keep_alive = linus_config.keep_alive;
+    let robot = spawn(linus_config);
+    online(&watcher, "linus").await;
+
+    // Someone holds the button: a refresh every 100 ms, through the proxy's dead route.
+    let refreshing = {
+        let client = Watcher::v311(broker.mqtt_addr(), "holder", "nothing/#").await;
+        tokio::spawn(async move {
+            loop {
+                client.publish("fleet/linus/cmd/drive", "forward").await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    watcher
+        .wait_for_json("fleet/linus/state", |s| s["motion"] == "forward")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Nothing is closed; packets just stop. The node cannot tell; the dead-man can.
+    let silenced = Instant::now();
+    proxy.blackhole();
+    let off = loop {
+        if let Some(off) = robot.recording.all_inactive_since(&robot.inputs) {
+            break off;
+        }
+        assert!(silenced.elapsed() < WAIT, "motors still on in a blackhole");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let after = off.saturating_duration_since(silenced);
+    assert!(
+        after <= Duration::from_millis(500),
+        "off {after:?} after the link went silent"
+    );
+
+    // The broker hears nothing either: the last will after 1.5 x the keep-alive.
+    let deadline = silenced + keep_alive * 2 + Duration::from_secs(2);
+    status_by(&watcher, "offline", deadline).await;
+    let declared = silenced.elapsed();
+    assert!(
+        declared <= keep_alive.mul_f64(1.5) + Duration::from_millis(1500),
+        "offline after {declared:?} (keep-alive {keep_alive:?})"
+    );
+    eprintln!("blackhole: motors off after {after:?}, offline after {declared:?}");
+
+    // The route comes back: the node notices its dead connection and reconnects.
+    watcher.clear();
+    proxy.restore();
+    status_by(&watcher, "online", Instant::now() + keep_alive * 3).await;
+    refreshing.abort();
+    assert!(robot.metrics.connects.get() >= 2);
+}
+
 #[tokio::test]
 async fn commands_sent_while_the_node_was_away_are_delivered_when_it_returns() {
     let broker = start_broker().await;

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod exposition;
+pub mod mqtt_tls;
 pub mod process;
 pub mod telemetry;
 

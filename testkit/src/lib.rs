@@ -248,11 +248,22 @@ impl Inbox {
     }
 }
 
-/// A TCP proxy between a client and the broker that a test can cut (every connection
-/// closed at once, new ones refused) and restore: a pulled cable on loopback.
+/// What a `TcpProxy` does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyMode {
+    Forward,
+    /// Every connection closed at once, new ones refused: a pulled cable on loopback.
+    Cut,
+    /// Connections stay open but nothing goes through, new ones hang: a dead route. Only
+    /// keep-alives notice it.
+    Blackhole,
+}
+
+/// A TCP proxy between a client and the broker that a test can cut or blackhole, and
+/// restore.
 pub struct TcpProxy {
     addr: SocketAddr,
-    open: tokio::sync::watch::Sender<bool>,
+    mode: tokio::sync::watch::Sender<ProxyMode>,
 }
 
 impl TcpProxy {
@@ -261,25 +272,40 @@ impl TcpProxy {
             .await
             .expect("proxy binds");
         let addr = listener.local_addr().expect("proxy address");
-        let (open, watch) = tokio::sync::watch::channel(true);
+        let (mode, watch) = tokio::sync::watch::channel(ProxyMode::Forward);
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if !*watch.borrow() {
-                    continue; // cut: drop the connection at once
+                let mut mode = watch.clone();
+                let current = *mode.borrow();
+                match current {
+                    ProxyMode::Cut => continue, // drop the connection at once
+                    ProxyMode::Blackhole => {
+                        // Hold it without a word until the route is back (then close it).
+                        tokio::spawn(async move {
+                            let _ = mode.wait_for(|m| *m != ProxyMode::Blackhole).await;
+                            drop(inbound);
+                        });
+                        continue;
+                    }
+                    ProxyMode::Forward => {}
                 }
-                let mut cut = watch.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|open| !*open) => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                        _ = mode.wait_for(|m| *m != ProxyMode::Forward) => {}
                     }
+                    if *mode.borrow() == ProxyMode::Blackhole {
+                        // Both sockets stay open, silent, until the mode changes again.
+                        let _ = mode.wait_for(|m| *m != ProxyMode::Blackhole).await;
+                    }
+                    drop((inbound, outbound));
                 });
             }
         });
-        TcpProxy { addr, open }
+        TcpProxy { addr, mode }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -288,11 +314,17 @@ impl TcpProxy {
 
     /// Closes every proxied connection now and refuses new ones until `restore`.
     pub fn cut(&self) {
-        let _ = self.open.send(false);
+        let _ = self.mode.send(ProxyMode::Cut);
+    }
+
+    /// Stops forwarding without closing anything, until `restore` (which then closes the
+    /// silent connections, as a router coming back with fresh state would).
+    pub fn blackhole(&self) {
+        let _ = self.mode.send(ProxyMode::Blackhole);
     }
 
     pub fn restore(&self) {
-        let _ = self.open.send(true);
+        let _ = self.mode.send(ProxyMode::Forward);
     }
 }
 

@@ -1,5 +1,6 @@
 //! fleet-gateway: the web UI and HTTP API as its own process.
 
+use anyhow::Context;
 use clap::Parser;
 use fleet_gateway::{GatewayArgs, GatewayConfig};
 use fleet_runtime::{HostPort, TopicArgs};
@@ -13,6 +14,10 @@ struct Args {
     /// MQTT broker as host:port
     #[arg(long, env = "FLEET_BROKER", default_value = "127.0.0.1:1883")]
     broker: HostPort,
+    /// Connect to the broker over TLS, verifying its certificate against this PEM CA
+    /// file (the certificate must name the host given in --broker)
+    #[arg(long, env = "FLEET_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     topics: TopicArgs,
 }
@@ -21,11 +26,17 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = fleet_runtime::telemetry::init("fleet-gateway");
     let args = Args::parse();
-    let config = GatewayConfig::from_args(
+    let mut config = GatewayConfig::from_args(
         &args.gateway,
         args.topics.topics(),
         args.broker.host,
         args.broker.port,
     );
+    config.tls = args
+        .tls_ca
+        .as_deref()
+        .map(fleet_runtime::mqtt_tls::MqttTls::from_ca_file)
+        .transpose()
+        .context("--tls-ca")?;
     fleet_gateway::run(config, fleet_runtime::shutdown_signal()).await
 }

@@ -77,6 +77,10 @@ struct Args {
     /// MQTT password (the username is the robot id); for brokers with authentication
     #[arg(long, env = "FLEET_MQTT_PASSWORD", hide_env_values = true)]
     mqtt_password: Option<String>,
+    /// Connect to the broker over TLS, verifying its certificate against this PEM CA
+    /// file (the certificate must name the host given in --broker)
+    #[arg(long, env = "FLEET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Do not publish Home Assistant discovery (a `decommission` still clears it)
     #[arg(long, env = "FLEET_NO_DISCOVERY")]
     no_discovery: bool,
@@ -245,6 +249,13 @@ async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
         parse_file_value("discovery_prefix", settings.discovery_prefix)?,
     );
     config.discovery.configuration_url = args.gateway_url.clone().or(settings.gateway_url);
+    config.tls = args
+        .tls_ca
+        .clone()
+        .or(settings.tls_ca.map(PathBuf::from))
+        .map(|path| fleet_runtime::mqtt_tls::MqttTls::from_ca_file(&path))
+        .transpose()
+        .context("--tls-ca")?;
     if let Some(url) = &config.discovery.configuration_url
         && !(url.starts_with("http://") || url.starts_with("https://"))
     {

@@ -272,6 +272,9 @@ fn listener(config: &BrokerConfig, name: &str, addr: SocketAddr) -> Builder {
         .laddr(addr)
         // A restarted broker must be able to bind while old connections sit in TIME_WAIT.
         .reuseaddr(Some(true))
+        // Commands and results are small packets: without TCP_NODELAY, Nagle's algorithm
+        // and delayed ACKs hold them back by up to 40 ms.
+        .nodelay(true)
         // With authentication on, rmqtt must ask the fleet's hook about every client
         // (it skips the hook for clients without a username when anonymous is allowed).
         .allow_anonymous(config.users.is_none())

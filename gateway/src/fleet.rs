@@ -186,6 +186,10 @@ pub(crate) fn mqtt_options(
     // rumqttc preallocates a slot per in-flight publish (65,535 by default, ~13 MB);
     // 1,024 commands in flight covers bursts at well over 1,000 commands/s.
     options.set_outgoing_inflight_upper_limit(1024);
+    // Small packets must leave at once (Nagle plus delayed ACKs adds up to 40 ms).
+    let mut network = options.network_options();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
     if let Some(tls) = tls {
         options.set_transport(tls.transport());
     }

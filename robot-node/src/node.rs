@@ -130,6 +130,10 @@ fn mqtt_options(config: &NodeConfig) -> MqttOptions {
         u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX),
     ));
     options.set_max_packet_size(Some(MAX_INCOMING_PACKET));
+    // Small packets must leave at once (Nagle plus delayed ACKs adds up to 40 ms).
+    let mut network = options.network_options();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
     if let Some(tls) = &config.tls {
         options.set_transport(tls.transport());
     }

@@ -18,8 +18,34 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.externalBroker.enabled -}}
 {{ required "externalBroker.address is required when externalBroker.enabled" .Values.externalBroker.address }}
 {{- else -}}
+{{- if .Values.mqttTls.enabled -}}
+{{ include "fleet.fullname" . }}-broker:{{ .Values.broker.tls.port }}
+{{- else -}}
 {{ include "fleet.fullname" . }}-broker:{{ .Values.broker.mqttPort }}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* MQTT over TLS for the broker's clients: the CA they trust. */}}
+{{- define "fleet.mqttTlsEnv" -}}
+{{- if .Values.mqttTls.enabled }}
+- { name: FLEET_TLS_CA, value: /etc/fleet/mqtt-ca/ca.crt }
+{{- end }}
+{{- end -}}
+
+{{- define "fleet.mqttTlsMount" -}}
+{{- if .Values.mqttTls.enabled }}
+- { name: mqtt-ca, mountPath: /etc/fleet/mqtt-ca, readOnly: true }
+{{- end }}
+{{- end -}}
+
+{{- define "fleet.mqttTlsVolume" -}}
+{{- if .Values.mqttTls.enabled }}
+- name: mqtt-ca
+  secret:
+    secretName: {{ required "mqttTls.caSecret is required when mqttTls.enabled" .Values.mqttTls.caSecret }}
+    items: [{ key: ca.crt, path: ca.crt }]
+{{- end }}
 {{- end -}}
 
 {{- define "fleet.securityContext" -}}

@@ -323,8 +323,19 @@ async fn run_simulated(
     }
     tracing::info!(count, "simulated robots started");
     fleet_runtime::shutdown_signal().await;
+    // All at once: each stop waits for its link to flush, and thousands in a row add up.
+    let mut stopping = tokio::task::JoinSet::new();
     for node in nodes {
-        node.stop().await?;
+        stopping.spawn(node.stop());
+    }
+    let mut failed = 0;
+    while let Some(stopped) = stopping.join_next().await {
+        if !matches!(stopped, Ok(Ok(()))) {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {count} simulated robots did not stop cleanly");
     }
     Ok(())
 }

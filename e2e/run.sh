@@ -272,10 +272,23 @@ check "a robot may not read another robot's commands (3.1.1)" \
   bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -u linus -P linus-pw -t 'fleet/torvalds/cmd/+' -W 3 2>&1 | grep -q 'denied'"
 check "a robot may not read another robot's commands (5)" \
   bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u linus -P linus-pw -t 'fleet/torvalds/cmd/+' -W 3 2>&1 | grep -q 'denied'"
+check "a robot may not command another robot (MQTT 5: PUBACK 0x87, not delivered)" \
+  bash -c "mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u linus -P linus-pw -q 1 -t fleet/torvalds/cmd/drive -m forward 2>&1 | grep -q 'Not authorized'"
+# Bytes that are not MQTT at all: the connection is closed and rmqtt logs it.
+python3 - "$SEC_PORT" <<'PY' || true
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(b"GET / HTTP/1.1\r\nHost: broker\r\n\r\n")
+print("broker answered an HTTP request with", s.recv(64))
+PY
+check "the broker logs every kind of refusal (bad password, no credentials, ACL subscribe and publish, not MQTT)" \
+  bash -c "for line in 'refused a client: bad username or password' 'refused a client without credentials' \
+    'subscription refused by the ACL' 'publish refused.*fleet/torvalds/cmd/drive' 'MQTT version detection failed'; do \
+    grep -q \"\$line\" '$ART/fleet-broker.log' || { echo \"missing: \$line\"; exit 1; }; done"
 check "promtool check metrics passes on fleet-broker's /metrics" \
   bash -c "curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | promtool check metrics"
 check "the broker counts auth failures and ACL denials on /metrics" \
-  bash -c "curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_auth_failures_total{reason=\"bad_credentials\"} 1' && curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_acl_denials_total{action=\"subscribe\"} 2'"
+  bash -c "curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_auth_failures_total{reason=\"bad_credentials\"} 1' && curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_acl_denials_total{action=\"subscribe\"} 2' && curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_acl_denials_total{action=\"publish\"} 1' && curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_auth_failures_total{reason=\"anonymous\"} 1'"
 
 # Observability: the fleet as separate processes, scraped by a real Prometheus; every
 # dashboard query must return data.

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use crate::acl::{AclTopics, Role};
 use crate::auth::{Users, Verdict};
 use crate::metrics::BrokerMetrics;
+use fleet_runtime::log_limit::{Admission, LogLimiter, report_held_back};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -183,12 +184,15 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
 
     let metrics = Arc::new(BrokerMetrics::new(config.topics.clone()));
     let register = scx.extends.hook_mgr().register();
+    let log_limit = Arc::new(LogLimiter::default());
     let hooks = FleetHooks {
         topics: config.topics.clone(),
         users: config.users.clone(),
         allow_anonymous: config.allow_anonymous,
         anonymous_role: config.anonymous_role,
         metrics: metrics.clone(),
+        log_limit: log_limit.clone(),
+        password_checks: Arc::new(tokio::sync::Semaphore::new(concurrent_password_checks())),
     };
     for hook in [
         Type::ClientAuthenticate,
@@ -252,8 +256,13 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
 
     let server = server.build();
     let task = tokio::spawn(async move {
-        if let Err(error) = server.run().await {
-            tracing::error!(%error, "MQTT broker stopped");
+        tokio::select! {
+            result = server.run() => {
+                if let Err(error) = result {
+                    tracing::error!(%error, "MQTT broker stopped");
+                }
+            }
+            () = report_held_back(&log_limit) => {}
         }
     });
     tracing::info!(%mqtt_addr, ws = ?ws_addr, tls = ?tls_addr, "MQTT broker listening (MQTT 3.1.1 and 5)");
@@ -296,9 +305,22 @@ struct FleetHooks {
     allow_anonymous: bool,
     anonymous_role: Role,
     metrics: Arc<BrokerMetrics>,
+    log_limit: Arc<LogLimiter>,
+    /// Each argon2 check holds 19 MiB for tens of milliseconds. Without a bound, a flood
+    /// of logins with wrong passwords runs hundreds at once on blocking threads and takes
+    /// gigabytes; with it, they wait their turn and the rest of the broker keeps going.
+    password_checks: Arc<tokio::sync::Semaphore>,
 }
 
 impl FleetHooks {
+    /// Whether to write a log line of `kind` now: `Some(lines held back before it)`.
+    fn log_line(&self, kind: &'static str) -> Option<u64> {
+        match self.log_limit.admit(kind, std::time::Instant::now()) {
+            Admission::Log { held_back } => Some(held_back),
+            Admission::HoldBack => None,
+        }
+    }
+
     /// The role of a connected client (it passed authentication already).
     fn role_of(&self, username: Option<&str>) -> Option<Role> {
         match (&self.users, username) {
@@ -336,11 +358,20 @@ impl FleetHooks {
                 return AuthResult::Allow(false, None);
             }
             self.metrics.record_auth_failure("anonymous");
-            tracing::warn!("refused a client without credentials (anonymous access is off)");
+            if let Some(held_back) = self.log_line("anonymous_refused") {
+                tracing::warn!(
+                    held_back,
+                    "refused a client without credentials (anonymous access is off)"
+                );
+            }
             return AuthResult::NotAuthorized;
         };
         let password = password.unwrap_or_default();
         let name = username.clone();
+        let Ok(_permit) = self.password_checks.acquire().await else {
+            // Only closed when the broker stops.
+            return AuthResult::NotAuthorized;
+        };
         // argon2 takes tens of milliseconds on a cache miss: off the async threads.
         let verdict = tokio::task::spawn_blocking(move || users.verify(&name, &password))
             .await
@@ -349,7 +380,9 @@ impl FleetHooks {
             Verdict::Allowed(_) => AuthResult::Allow(false, None),
             Verdict::BadCredentials => {
                 self.metrics.record_auth_failure("bad_credentials");
-                tracing::warn!(%username, "refused a client: bad username or password");
+                if let Some(held_back) = self.log_line("bad_credentials") {
+                    tracing::warn!(%username, held_back, "refused a client: bad username or password");
+                }
                 AuthResult::BadUsernameOrPassword
             }
         }
@@ -381,7 +414,9 @@ impl Handler for FleetHooks {
                     return (true, acc);
                 }
                 self.metrics.record_acl_denial("subscribe");
-                tracing::warn!(client = %session.id.client_id, user = user.unwrap_or("(anonymous)"), %filter, "subscription refused by the ACL");
+                if let Some(held_back) = self.log_line("subscription_refused") {
+                    tracing::warn!(client = %session.id.client_id, user = user.unwrap_or("(anonymous)"), %filter, held_back, "subscription refused by the ACL");
+                }
                 let denied = SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
                 (false, Some(HookResult::SubscribeAclResult(denied)))
             }
@@ -401,7 +436,9 @@ impl Handler for FleetHooks {
                     } else {
                         self.metrics.record_refused(reason);
                     }
-                    tracing::warn!(client = %session.id.client_id, user = user.unwrap_or("(anonymous)"), topic = %topic.escape_debug(), reason = text, "publish refused");
+                    if let Some(held_back) = self.log_line("publish_refused") {
+                        tracing::warn!(client = %session.id.client_id, user = user.unwrap_or("(anonymous)"), topic = %topic.escape_debug(), reason = text, held_back, "publish refused");
+                    }
                     let result = PublishAclResult::rejected(false, Some(text.into()));
                     return (false, Some(HookResult::PublishAclResult(result)));
                 }
@@ -426,7 +463,9 @@ impl Handler for FleetHooks {
             Parameter::MessageDropped(to, from, publish, reason) => {
                 let kind = drop_reason(reason);
                 self.metrics.record_dropped(kind);
-                tracing::warn!(?to, ?from, topic = %publish.topic, reason = kind, "message dropped");
+                if let Some(held_back) = self.log_line("message_dropped") {
+                    tracing::warn!(?to, ?from, topic = %publish.topic, reason = kind, held_back, "message dropped");
+                }
                 (true, acc)
             }
             Parameter::ClientConnected(_) => {
@@ -434,13 +473,42 @@ impl Handler for FleetHooks {
                 self.metrics.connections.inc();
                 (true, acc)
             }
-            Parameter::ClientDisconnected(_, _) => {
-                self.metrics.disconnects.inc();
+            Parameter::ClientDisconnected(session, reason) => {
+                let kind = disconnect_reason(reason);
+                self.metrics.record_disconnect(kind);
+                if kind == "protocol_error"
+                    && let Some(held_back) = self.log_line("protocol_error")
+                {
+                    tracing::warn!(client = %session.id.client_id, user = username(session).unwrap_or("(anonymous)"), %reason, held_back, "disconnected a client that broke the protocol");
+                }
                 self.metrics.connections.dec();
                 (true, acc)
             }
             _ => (true, acc),
         }
+    }
+}
+
+/// How many argon2 checks may run at once: one per core, at least two.
+fn concurrent_password_checks() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+}
+
+/// A bounded label for why a client went away.
+fn disconnect_reason(reason: &rmqtt::types::Reason) -> &'static str {
+    use rmqtt::types::Reason;
+    match reason {
+        Reason::ConnectDisconnect(_) => "client",
+        Reason::ConnectRemoteClose
+        | Reason::ConnectReadWriteError
+        | Reason::ConnectReadWriteTimeout => "connection_closed",
+        Reason::ConnectKeepaliveTimeout => "keepalive_timeout",
+        Reason::ConnectKicked(_) => "taken_over",
+        // rmqtt reports what its decoder refused (oversized packets, topics that are not
+        // UTF-8, a second CONNECT, unknown packet types) as a plain error text.
+        Reason::ProtocolError(_) | Reason::MqttError(_) | Reason::Error(_) => "protocol_error",
+        Reason::Reasons(reasons) => reasons.first().map_or("other", disconnect_reason),
+        _ => "other",
     }
 }
 

@@ -36,7 +36,7 @@ pub struct BrokerMetrics {
     topics: AclTopics,
     pub connections: Gauge,
     pub connects: Counter,
-    pub disconnects: Counter,
+    disconnects: Family<ReasonLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     acl_denials: Family<ActionLabels, Counter>,
     publishes_refused: Family<ReasonLabels, Counter>,
@@ -64,10 +64,10 @@ impl BrokerMetrics {
             "Client connections accepted",
             connects.clone(),
         );
-        let disconnects = Counter::default();
+        let disconnects = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "fleet_broker_disconnects",
-            "Client disconnections",
+            "Client disconnections, by reason (client, connection_closed, keepalive_timeout, protocol_error, taken_over, other)",
             disconnects.clone(),
         );
         let auth_failures = Family::<ReasonLabels, Counter>::default();
@@ -193,6 +193,14 @@ impl BrokerMetrics {
         self.delivered
             .get_or_create(&TopicLabels {
                 topic: self.template(topic),
+            })
+            .inc();
+    }
+
+    pub fn record_disconnect(&self, reason: &str) {
+        self.disconnects
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
             })
             .inc();
     }

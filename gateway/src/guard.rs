@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
 use crate::api::ApiError;
+use fleet_runtime::log_limit::Admission;
 
 /// Clients tracked by the rate limiter; idle ones are dropped first.
 const MAX_CLIENTS: usize = 10_000;
@@ -79,12 +80,24 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+fn client_ip(request: &Request) -> IpAddr {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
 /// Middleware for control routes.
 pub async fn control(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if let Some(expected) = state.api_token.as_deref()
         && !bearer(request.headers()).is_some_and(|given| same_secret(given, expected))
     {
         state.metrics.record_refusal("unauthorized");
+        if let Admission::Log { held_back } = state.log_limit.admit("unauthorized", Instant::now())
+        {
+            tracing::warn!(client = %client_ip(&request), path = %request.uri().path(), held_back, "control request refused: missing or wrong bearer token");
+        }
         let mut response = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -97,13 +110,13 @@ pub async fn control(State(state): State<AppState>, request: Request, next: Next
         );
         return response;
     }
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let client = client_ip(&request);
     if !state.limiter.allow(client) {
         state.metrics.record_refusal("rate_limited");
+        if let Admission::Log { held_back } = state.log_limit.admit("rate_limited", Instant::now())
+        {
+            tracing::warn!(%client, path = %request.uri().path(), held_back, "control request refused: over the rate limit");
+        }
         let mut response = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

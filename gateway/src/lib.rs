@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_protocol::{RobotId, Topics};
+use fleet_runtime::log_limit::{LogLimiter, report_held_back};
 use rumqttc::v5::AsyncClient;
 use tokio::net::TcpListener;
 
@@ -149,6 +150,8 @@ pub struct AppState {
     /// Set when the server shuts down: live streams end so that the shutdown can finish
     /// (browsers reconnect to the next instance).
     pub closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Refused requests log a few lines per window, then only counts.
+    pub log_limit: Arc<LogLimiter>,
 }
 
 /// Creates the gateway's state and starts its MQTT link in the background.
@@ -186,7 +189,15 @@ pub fn connect(config: &GatewayConfig) -> AppState {
         api_token: config.api_token.as_deref().map(Arc::from),
         limiter: Arc::new(RateLimiter::new(config.rate_limit, config.rate_burst)),
         closing: Arc::new(tokio::sync::watch::Sender::new(false)),
+        log_limit: Arc::new(LogLimiter::default()),
     };
+    let (log_limit, mut closing) = (state.log_limit.clone(), state.closing.subscribe());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = report_held_back(&log_limit) => {}
+            _ = closing.wait_for(|closed| *closed) => {}
+        }
+    });
     if let Some(interval) = config.probe_interval {
         probe::spawn(state.clone(), interval);
     }

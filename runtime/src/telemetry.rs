@@ -20,9 +20,10 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// rmqtt's plugins log their configuration at info level under hyphenated targets.
-const QUIET_DEPENDENCIES: &str =
-    "info,rmqtt=warn,rmqtt_net=warn,rmqtt-retainer=warn,rmqtt-shared-subscription=warn";
+/// rmqtt's plugins log their configuration at info level under hyphenated targets. Its
+/// listener (`rmqtt::server`) stays at info: the only trace of a connection that sent
+/// something other than an MQTT CONNECT is its `MQTT version detection failed` line.
+const QUIET_DEPENDENCIES: &str = "info,rmqtt=warn,rmqtt::server=info,rmqtt_net=warn,rmqtt-retainer=warn,rmqtt-shared-subscription=warn";
 
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {

@@ -1,0 +1,451 @@
+//! Malformed MQTT against the broker over raw TCP: garbage instead of a CONNECT, broken
+//! length encodings, packets over the size limit, topic names that are not UTF-8,
+//! invalid subscription filters and a flood of connects. The broker closes or refuses
+//! each offender, counts it, stays up, and the well-behaved clients connected next to
+//! them lose nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_broker::acl::Role;
+use fleet_broker::auth::{Users, hash_password};
+use fleet_broker::{BrokerConfig, RunningBroker};
+use fleet_testkit::{WAIT, Watcher};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MAX_PACKET: u32 = 64 * 1024;
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+async fn open_broker() -> RunningBroker {
+    fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        http_addr: Some(loopback()),
+        max_packet_size: MAX_PACKET,
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+// ---- raw packets -------------------------------------------------------------------------
+
+fn remaining_length(mut len: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            return out;
+        }
+    }
+}
+
+fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    out.extend(remaining_length(body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+fn string(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s, optional username and password.
+fn connect(client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+    let mut flags = 0x02;
+    if login.is_some() {
+        flags |= 0xC0;
+    }
+    let mut body = string(b"MQTT");
+    body.extend([4, flags, 0, 60]);
+    body.extend(string(client_id.as_bytes()));
+    if let Some((user, password)) = login {
+        body.extend(string(user.as_bytes()));
+        body.extend(string(password.as_bytes()));
+    }
+    packet(0x10, &body)
+}
+
+fn publish(topic: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = string(topic);
+    body.extend_from_slice(payload);
+    packet(0x30, &body)
+}
+
+fn subscribe(packet_id: u16, filter: &[u8]) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.extend(string(filter));
+    body.push(0);
+    packet(0x82, &body)
+}
+
+/// A raw client that has sent a valid CONNECT and read a successful CONNACK.
+async fn connected(addr: SocketAddr, client_id: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&connect(client_id, None)).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut connack))
+        .await
+        .expect("CONNACK in time")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "{client_id}: CONNACK");
+    stream
+}
+
+/// What the broker did with a connection after the offending bytes: everything it sent
+/// until it closed the connection. Panics if it keeps the connection open.
+async fn bytes_until_closed(stream: &mut TcpStream, what: &str) -> Vec<u8> {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    let outcome = tokio::time::timeout(WAIT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        outcome.is_ok(),
+        "{what}: the broker kept the connection open"
+    );
+    received
+}
+
+async fn metrics_text(broker: &RunningBroker) -> String {
+    reqwest::get(format!("http://{}/metrics", broker.http_addr().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn metric(broker: &RunningBroker, series: &str) -> f64 {
+    metrics_text(broker)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The well-behaved clients still talk: a publish from one reaches the other.
+async fn still_serving(publisher: &Watcher, subscriber: &Watcher, tag: &str) {
+    let topic = format!("fleet/canary/{tag}");
+    publisher.publish(&topic, tag.as_bytes().to_vec()).await;
+    subscriber
+        .wait_for(&format!("canary after {tag}"), |m| m.topic == topic)
+        .await;
+}
+
+// ---- tests -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn garbage_instead_of_a_connect_is_closed() {
+    let broker = open_broker().await;
+    let subscriber = Watcher::v311(broker.mqtt_addr(), "canary-sub", "fleet/#").await;
+    let publisher = Watcher::v5(broker.mqtt_addr(), "canary-pub", "nothing/#").await;
+
+    let mut bad_protocol_name = string(b"MQTX");
+    bad_protocol_name.extend([4, 0x02, 0, 60]);
+    bad_protocol_name.extend(string(b"x"));
+    let mut bad_protocol_level = string(b"MQTT");
+    bad_protocol_level.extend([9, 0x02, 0, 60]);
+    bad_protocol_level.extend(string(b"x"));
+    let mut reserved_flag = string(b"MQTT");
+    reserved_flag.extend([4, 0x03, 0, 60]);
+    reserved_flag.extend(string(b"x"));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "random bytes",
+            vec![0xde, 0xad, 0xbe, 0xef, 0x00, 0xff, 0x13, 0x37],
+        ),
+        (
+            "an HTTP request",
+            b"GET / HTTP/1.1\r\nHost: broker\r\n\r\n".to_vec(),
+        ),
+        (
+            "a PUBLISH before CONNECT",
+            publish(b"fleet/linus/cmd/drive", b"forward"),
+        ),
+        (
+            "a protocol name that is not MQTT",
+            packet(0x10, &bad_protocol_name),
+        ),
+        ("protocol level 9", packet(0x10, &bad_protocol_level)),
+        (
+            "the reserved CONNECT flag set",
+            packet(0x10, &reserved_flag),
+        ),
+        (
+            "a five-byte remaining length",
+            vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x7f],
+        ),
+        ("a CONNECT over the size limit", {
+            let mut head = vec![0x10];
+            head.extend(remaining_length(MAX_PACKET as usize * 4));
+            head.extend(vec![0u8; 4096]);
+            head
+        }),
+    ];
+    for (what, bytes) in cases {
+        let mut stream = TcpStream::connect(broker.mqtt_addr()).await.unwrap();
+        // The broker may close while we are still writing: that is a refusal too.
+        let _ = stream.write_all(&bytes).await;
+        let answer = bytes_until_closed(&mut stream, what).await;
+        assert!(
+            !answer.starts_with(&[0x20, 2, 0, 0]) && !answer.starts_with(&[0x20, 3, 0, 0]),
+            "{what}: accepted with {answer:02x?}"
+        );
+        still_serving(&publisher, &subscriber, &what.replace(' ', "-")).await;
+    }
+    assert!(subscriber.errors().is_empty(), "{:?}", subscriber.errors());
+}
+
+#[tokio::test]
+async fn broken_packets_after_connect_close_only_that_client() {
+    let broker = open_broker().await;
+    let subscriber = Watcher::v311(broker.mqtt_addr(), "canary-sub", "#").await;
+    let publisher = Watcher::v5(broker.mqtt_addr(), "canary-pub", "nothing/#").await;
+
+    let mut big = vec![0x30];
+    big.extend(remaining_length(MAX_PACKET as usize + 1024));
+    big.extend(string(b"fleet/linus/state"));
+    big.extend(vec![b'x'; MAX_PACKET as usize + 1024 - 19]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a PUBLISH over the size limit", big),
+        (
+            "a topic name that is not UTF-8",
+            publish(b"fleet/\xff\xfe/state", b"{}"),
+        ),
+        (
+            "a topic name with an encoded NUL",
+            publish(b"fleet/a\xc0\x80b/state", b"{}"),
+        ),
+        ("a second CONNECT", connect("again", None)),
+        ("a reserved packet type", packet(0xf0, &[])),
+        (
+            "a topic length past the packet's end",
+            packet(0x30, &[0x00, 0x40, b'f', b'l']),
+        ),
+    ];
+    for (index, (what, bytes)) in cases.into_iter().enumerate() {
+        let mut stream = connected(broker.mqtt_addr(), &format!("offender-{index}")).await;
+        let _ = stream.write_all(&bytes).await;
+        bytes_until_closed(&mut stream, what).await;
+        still_serving(&publisher, &subscriber, &format!("case-{index}")).await;
+    }
+    // Nothing of what the offenders sent reached anyone.
+    assert!(
+        subscriber
+            .messages()
+            .iter()
+            .all(|m| m.topic.starts_with("fleet/canary/")),
+        "{:?}",
+        subscriber.messages()
+    );
+    // Each offender was counted, as a protocol error.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counted = metric(
+            &broker,
+            "fleet_broker_disconnects_total{reason=\"protocol_error\"}",
+        )
+        .await;
+        if counted >= 6.0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let text = metrics_text(&broker).await;
+            let disconnects: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("fleet_broker_disconnects"))
+                .collect();
+            panic!("offenders counted: {counted} of 6; {disconnects:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn invalid_subscription_filters_are_refused() {
+    let broker = open_broker().await;
+    let subscriber = Watcher::v311(broker.mqtt_addr(), "canary-sub", "fleet/#").await;
+    let publisher = Watcher::v5(broker.mqtt_addr(), "canary-pub", "nothing/#").await;
+
+    for (index, filter) in [
+        &b"fleet/#/state"[..],
+        b"fleet/linus+/state",
+        b"fleet/#x",
+        b"",
+        b"fleet/\xff/state",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let what = format!("filter {:?}", String::from_utf8_lossy(filter));
+        let mut stream = connected(broker.mqtt_addr(), &format!("filters-{index}")).await;
+        stream.write_all(&subscribe(7, filter)).await.unwrap();
+        // Either a SUBACK that refuses the filter (0x80) or a closed connection; never a
+        // granted subscription.
+        let mut suback = [0u8; 5];
+        match tokio::time::timeout(WAIT, stream.read_exact(&mut suback)).await {
+            Ok(Ok(_)) => assert_eq!(suback, [0x90, 3, 0, 7, 0x80], "{what}"),
+            Ok(Err(_)) => {}
+            Err(_) => panic!("{what}: no SUBACK and the connection stayed open"),
+        }
+        still_serving(&publisher, &subscriber, &format!("filter-{index}")).await;
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_connects_leaves_the_others_alone() {
+    let users = ["linus:robot", "gateway:controller"]
+        .iter()
+        .map(|entry| {
+            let (name, role) = entry.split_once(':').unwrap();
+            let hash = hash_password(&format!("{name}-pw")).unwrap();
+            format!(
+                "[[user]]\nusername = \"{name}\"\npassword_hash = \"{hash}\"\nrole = \"{role}\"\n"
+            )
+        })
+        .collect::<String>();
+    let broker = fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        http_addr: Some(loopback()),
+        users: Some(Arc::new(Users::parse(&users).unwrap())),
+        allow_anonymous: false,
+        anonymous_role: Role::Reader,
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+    let addr = broker.mqtt_addr();
+
+    // A robot and a controller log in properly and keep a command stream going.
+    let mut robot = TcpStream::connect(addr).await.unwrap();
+    robot
+        .write_all(&connect("robot-linus", Some(("linus", "linus-pw"))))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, robot.read_exact(&mut connack))
+        .await
+        .expect("robot CONNACK in time")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    robot
+        .write_all(&subscribe(1, b"fleet/linus/cmd/+"))
+        .await
+        .unwrap();
+    let mut suback = [0u8; 5];
+    robot.read_exact(&mut suback).await.unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0]);
+    let mut controller = TcpStream::connect(addr).await.unwrap();
+    controller
+        .write_all(&connect("controller", Some(("gateway", "gateway-pw"))))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, controller.read_exact(&mut connack))
+        .await
+        .expect("controller CONNACK in time")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+
+    // The flood: anonymous connects, wrong passwords for real users (each one an argon2
+    // check), and connections that open and send nothing, all at once.
+    const ANONYMOUS: usize = 200;
+    const WRONG_PASSWORDS: usize = 12;
+    const SILENT: usize = 200;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..ANONYMOUS + WRONG_PASSWORDS {
+        flood.spawn(async move {
+            let login = (i >= ANONYMOUS).then_some(("linus", "not-the-password"));
+            let mut stream = TcpStream::connect(addr).await.ok()?;
+            stream
+                .write_all(&connect(&format!("flood-{i}"), login))
+                .await
+                .ok()?;
+            let mut answer = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut answer))
+                .await
+                .ok()?
+                .ok()?;
+            Some(answer)
+        });
+    }
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            silent.push(stream);
+        }
+    }
+
+    // Meanwhile the commands keep flowing, in order, none lost.
+    const COMMANDS: usize = 50;
+    for n in 0..COMMANDS {
+        controller
+            .write_all(&publish(b"fleet/linus/cmd/ping", format!("{n}").as_bytes()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let topic_len = "fleet/linus/cmd/ping".len();
+    let mut received = Vec::new();
+    for n in 0..COMMANDS {
+        let digits = n.to_string().len();
+        let mut frame = vec![0u8; 2 + 2 + topic_len + digits];
+        tokio::time::timeout(WAIT, robot.read_exact(&mut frame))
+            .await
+            .unwrap_or_else(|_| panic!("command {n} did not arrive during the flood"))
+            .unwrap();
+        received.push(String::from_utf8_lossy(&frame[4 + topic_len..]).to_string());
+    }
+    let expected: Vec<String> = (0..COMMANDS).map(|n| n.to_string()).collect();
+    assert_eq!(received, expected);
+
+    let mut refused = 0;
+    while let Some(answer) = flood.join_next().await {
+        if let Ok(Some(answer)) = answer {
+            assert_eq!(&answer[..3], &[0x20, 2, 0], "a flood connect got in");
+            assert_ne!(answer[3], 0, "a flood connect got in");
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        refused,
+        ANONYMOUS + WRONG_PASSWORDS,
+        "every flood connect answered"
+    );
+    drop(silent);
+
+    assert_eq!(
+        metric(
+            &broker,
+            "fleet_broker_auth_failures_total{reason=\"anonymous\"}"
+        )
+        .await,
+        ANONYMOUS as f64
+    );
+    assert_eq!(
+        metric(
+            &broker,
+            "fleet_broker_auth_failures_total{reason=\"bad_credentials\"}"
+        )
+        .await,
+        WRONG_PASSWORDS as f64
+    );
+}

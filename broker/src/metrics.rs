@@ -31,6 +31,16 @@ struct ActionLabels {
     action: String,
 }
 
+/// The `reason` label values of `fleet_broker_disconnects_total`.
+pub const DISCONNECT_REASONS: [&str; 6] = [
+    "client",
+    "connection_closed",
+    "keepalive_timeout",
+    "protocol_error",
+    "taken_over",
+    "other",
+];
+
 pub struct BrokerMetrics {
     registry: Registry,
     topics: AclTopics,
@@ -65,9 +75,18 @@ impl BrokerMetrics {
             connects.clone(),
         );
         let disconnects = Family::<ReasonLabels, Counter>::default();
+        // Every reason from the start, at 0: a rate over a series that does not exist yet
+        // is "no data", not 0.
+        for reason in DISCONNECT_REASONS {
+            disconnects
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(0);
+        }
         registry.register(
             "fleet_broker_disconnects",
-            "Client disconnections, by reason (client, connection_closed, keepalive_timeout, protocol_error, taken_over, other)",
+            "Client disconnections, by reason",
             disconnects.clone(),
         );
         let auth_failures = Family::<ReasonLabels, Counter>::default();

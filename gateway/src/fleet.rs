@@ -232,6 +232,7 @@ pub(crate) async fn drive_link(
             }
             Ok(_) => {}
             Err(error) => {
+                fleet_runtime::mqtt_link::fresh_state_after_error(&mut eventloop);
                 if fleet.is_connected() {
                     tracing::warn!(%error, "lost the broker connection");
                 } else {

@@ -198,6 +198,7 @@ async fn drive_link(
             }
             Ok(_) => continue,
             Err(error) => {
+                fleet_runtime::mqtt_link::fresh_state_after_error(&mut eventloop);
                 if connected_at
                     .take()
                     .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod exposition;
 pub mod log_limit;
+pub mod mqtt_link;
 pub mod mqtt_tls;
 pub mod process;
 pub mod telemetry;

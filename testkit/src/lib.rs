@@ -264,6 +264,9 @@ enum ProxyMode {
 pub struct TcpProxy {
     addr: SocketAddr,
     mode: tokio::sync::watch::Sender<ProxyMode>,
+    target: Arc<Mutex<SocketAddr>>,
+    /// Bumped to close every proxied connection while the mode stays `Forward`.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl TcpProxy {
@@ -273,6 +276,9 @@ impl TcpProxy {
             .expect("proxy binds");
         let addr = listener.local_addr().expect("proxy address");
         let (mode, watch) = tokio::sync::watch::channel(ProxyMode::Forward);
+        let target = Arc::new(Mutex::new(target));
+        let targets = target.clone();
+        let (generation, generations) = tokio::sync::watch::channel(0u64);
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let mut mode = watch.clone();
@@ -289,6 +295,9 @@ impl TcpProxy {
                     }
                     ProxyMode::Forward => {}
                 }
+                let target = *targets.lock().unwrap_or_else(|e| e.into_inner());
+                let mut generation = generations.clone();
+                let born = *generation.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
@@ -296,6 +305,7 @@ impl TcpProxy {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
                         _ = mode.wait_for(|m| *m != ProxyMode::Forward) => {}
+                        _ = generation.wait_for(|g| *g != born) => {}
                     }
                     if *mode.borrow() == ProxyMode::Blackhole {
                         // Both sockets stay open, silent, until the mode changes again.
@@ -305,7 +315,12 @@ impl TcpProxy {
                 });
             }
         });
-        TcpProxy { addr, mode }
+        TcpProxy {
+            addr,
+            mode,
+            target,
+            generation,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -325,6 +340,13 @@ impl TcpProxy {
 
     pub fn restore(&self) {
         let _ = self.mode.send(ProxyMode::Forward);
+    }
+
+    /// Closes every proxied connection and forwards new ones to `target` from now on: a
+    /// fail-over to another broker behind the same address.
+    pub fn fail_over_to(&self, target: SocketAddr) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+        self.generation.send_modify(|g| *g += 1);
     }
 }
 

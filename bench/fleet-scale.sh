@@ -5,6 +5,8 @@
 # against Mosquitto (Debian's, stock settings plus a listener) is the reference.
 #
 # Usage: bench/fleet-scale.sh [robots] [idle-seconds]     (defaults: 10000 30)
+# SCALE_REPLY_SPREAD_MS (default 1000) is the node's --fleet-reply-spread-ms: the robots
+# stop at once and spread their answers over that window.
 # Needs: mosquitto, mosquitto-clients, python3. Builds the release binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,7 @@ scenario() {
   # Warnings only: on a real robot each node logs on its own CPU; here 10,000 robots
   # share two cores, and a log line per command would be most of the work measured.
   RUST_LOG=${SCALE_NODE_LOG:-warn} "$BIN/robot-node" --robot sim --simulate "$ROBOTS" --broker 127.0.0.1:"$PORT" --metrics-addr off \
-    --no-discovery --heartbeat-s 30 >"$dir/node.log" 2>&1 &
+    --no-discovery --heartbeat-s 30 --fleet-reply-spread-ms "${SCALE_REPLY_SPREAD_MS:-1000}" >"$dir/node.log" 2>&1 &
   local node=$!; pids+=($node)
   until (($(count ' online$' "$dir/sub.txt") >= ROBOTS)); do
     sleep 0.2
@@ -88,15 +90,16 @@ for line in open(path):
         if at >= t_stop:
             latencies.append((at - t_stop) * 1000)
 latencies.sort()
-# When each robot had carried the stop out: the state it published right after, stamped
-# by the node's own clock (same machine), whatever the way back to this observer costs.
+# When each robot had carried the stop out: `last_command.at_ms` in the state it published
+# after, stamped by the node's own clock (same machine) when it ran the stop, whatever the
+# way back to this observer costs (the answers to a fleet-wide command are spread out).
 executed = []
 for line in open(path):
     parts = line.split(" ", 2)
     if len(parts) == 3 and parts[1].endswith("/state") and '"command":"stop"' in parts[2]:
         try:
-            seen = json.loads(parts[2])["last_seen_ms"] / 1000
-        except (ValueError, KeyError):
+            seen = json.loads(parts[2])["last_command"]["at_ms"] / 1000
+        except (ValueError, KeyError, TypeError):
             continue
         if seen >= t_stop - 0.001:
             executed.append(max(0.0, (seen - t_stop) * 1000))

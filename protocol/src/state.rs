@@ -69,6 +69,11 @@ pub struct LastCommand {
     pub id: String,
     pub command: CommandKind,
     pub status: CommandOutcome,
+    /// When the robot carried it out (or refused it), in milliseconds since the Unix
+    /// epoch by the robot's clock. The state that reports it may be published later: the
+    /// answers to a fleet-wide command are spread out (docs/protocol.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 /// Retained JSON on `<prefix>/<robot>/state`, published on every change.
@@ -176,6 +181,7 @@ mod tests {
                 id: "c1".into(),
                 command: CommandKind::Drive,
                 status: CommandOutcome::Ok,
+                at_ms: Some(1_699_999_999_990),
             }),
             uptime_s: 5,
             last_seen_ms: 1_700_000_000_000,

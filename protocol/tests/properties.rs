@@ -204,8 +204,9 @@ fn robot_state() -> impl Strategy<Value = RobotState> {
         command_id(),
         proptest::sample::select(CommandKind::ALL.to_vec()),
         any::<bool>(),
+        proptest::option::of(any::<u64>()),
     )
-        .prop_map(|(id, command, ok)| LastCommand {
+        .prop_map(|(id, command, ok, at_ms)| LastCommand {
             id,
             command,
             status: if ok {
@@ -213,6 +214,7 @@ fn robot_state() -> impl Strategy<Value = RobotState> {
             } else {
                 CommandOutcome::Error
             },
+            at_ms,
         });
     (
         robot_id(),

@@ -134,6 +134,7 @@ pub struct NodeSettings {
     pub blink_ms: Option<u64>,
     pub keep_alive_s: Option<u64>,
     pub heartbeat_s: Option<u64>,
+    pub fleet_reply_spread_ms: Option<u64>,
     pub metrics_addr: Option<String>,
     pub discovery: Option<bool>,
     pub discovery_prefix: Option<String>,
@@ -292,6 +293,12 @@ pub struct NodeConfig {
     pub session_expiry: Duration,
     /// How often the node republishes its state (with `last_seen_ms`) while idle.
     pub heartbeat: Duration,
+    /// The result and state after a fleet-wide command (`<prefix>/all/cmd/...`) are sent
+    /// at a random moment within this window, so that thousands of robots answering an
+    /// e-stop at once do not hold up the broker while it is still delivering the stop to
+    /// the rest of the fleet. The command itself is carried out at once. Zero (the default)
+    /// sends at once.
+    pub fleet_reply_spread: Duration,
     /// MQTT username and password, when the broker wants them (the username is the
     /// robot id: the broker's ACL is templated by it).
     pub credentials: Option<(String, String)>,
@@ -313,6 +320,7 @@ impl NodeConfig {
             keep_alive: Duration::from_secs(5),
             session_expiry: Duration::from_secs(300),
             heartbeat: Duration::from_secs(30),
+            fleet_reply_spread: Duration::ZERO,
             credentials: None,
             discovery: DiscoverySettings::default(),
             tls: None,

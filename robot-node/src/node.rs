@@ -96,6 +96,7 @@ pub async fn run(
         eye_deadline: None,
         last_stop_received: None,
         discovery_due: None,
+        deferred_replies: Vec::new(),
         decommissioned: false,
         unsent: RefCell::default(),
         state_dirty: Cell::new(false),
@@ -272,6 +273,8 @@ struct Node {
     last_stop_received: Option<Instant>,
     /// When to re-publish discovery (a random moment after Home Assistant's birth message).
     discovery_due: Option<Instant>,
+    /// Answers to fleet-wide commands waiting for their moment.
+    deferred_replies: Vec<DeferredReply>,
     /// Set by `decommission`: the node clears its topics and leaves.
     decommissioned: bool,
     /// Publishes (results first of all) waiting for room in the client's queue.
@@ -279,6 +282,16 @@ struct Node {
     /// The state changed since the last state publish, which was too recent to repeat.
     state_dirty: Cell<bool>,
     state_published_at: Cell<Option<Instant>>,
+}
+
+/// The answer to a fleet-wide command, held back until `due` (see
+/// `NodeConfig::fleet_reply_spread`).
+struct DeferredReply {
+    due: Instant,
+    result: CommandResult,
+    response_topic: Option<String>,
+    correlation: Option<Bytes>,
+    with_state: bool,
 }
 
 /// A QoS 1 publish the node wants to send.
@@ -311,6 +324,7 @@ impl Node {
                 Some(stop) = stops.recv() => self.on_message(stop),
                 () = sleep_until_opt(self.motors_deadline) => self.dead_man_stop(),
                 () = sleep_until_opt(self.eye_deadline) => self.end_blink(),
+                () = sleep_until_opt(self.next_reply_due()) => self.send_deferred_replies(false),
                 () = sleep_until_opt(self.discovery_due) => {
                     self.discovery_due = None;
                     if self.connected { self.announce() }
@@ -602,21 +616,54 @@ impl Node {
                 } else {
                     CommandOutcome::Error
                 },
+                at_ms: Some(now_ms()),
             });
         }
-        self.publish_result(
-            &result,
-            properties.response_topic,
-            properties.correlation_data,
-        );
-        if changes_state {
-            self.publish_state();
+        let spread = self.config.fleet_reply_spread;
+        if fleet_wide && !spread.is_zero() {
+            self.deferred_replies.push(DeferredReply {
+                due: Instant::now() + spread.mul_f64(rand::random::<f64>()),
+                result,
+                response_topic: properties.response_topic,
+                correlation: properties.correlation_data,
+                with_state: changes_state,
+            });
+        } else {
+            self.publish_result(
+                &result,
+                properties.response_topic,
+                properties.correlation_data,
+            );
+            if changes_state {
+                self.publish_state();
+            }
         }
         let label = known_kind.map_or("other", CommandKind::as_str);
         self.metrics
             .record_command(fleet_wide, label, outcome.is_ok(), received.elapsed());
         if decommissioning {
             self.clear_retained_topics();
+        }
+    }
+
+    fn next_reply_due(&self) -> Option<Instant> {
+        self.deferred_replies.iter().map(|reply| reply.due).min()
+    }
+
+    /// Sends the held-back answers whose moment has come (all of them when leaving).
+    fn send_deferred_replies(&mut self, all: bool) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred_replies)
+            .into_iter()
+            .partition(|reply| all || reply.due <= now);
+        self.deferred_replies = later;
+        let mut state_changed = false;
+        for reply in due {
+            self.publish_result(&reply.result, reply.response_topic, reply.correlation);
+            state_changed |= reply.with_state;
+        }
+        if state_changed {
+            self.publish_state();
         }
     }
 
@@ -816,6 +863,7 @@ impl Node {
     /// Safe state, last state, `offline`, and a clean DISCONNECT (so no will is sent).
     /// A decommissioned node has cleared its topics and leaves them empty.
     async fn leave(&mut self) {
+        self.send_deferred_replies(true);
         if self.decommissioned {
             self.motors_deadline = None;
             self.eye_deadline = None;

@@ -611,3 +611,107 @@ async fn outputs_start_safe_and_an_idle_node_keeps_a_heartbeat() {
         "{seen:?}"
     );
 }
+
+/// Waits until the recording shows every motor input off; returns when that happened.
+async fn motors_off(robot: &TestRobot) -> Instant {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(at) = robot.recording.all_inactive_since(&robot.inputs) {
+            return at;
+        }
+        assert!(Instant::now() < deadline, "the motors never stopped");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn answers_to_fleet_wide_commands_are_spread_out_but_the_stop_is_immediate() {
+    let broker = start_broker().await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let mut linus_config = config(broker.mqtt_addr(), RobotConfig::linus());
+    linus_config.fleet_reply_spread = Duration::from_secs(3);
+    let linus = spawn(linus_config);
+    online(&watcher, "linus").await;
+
+    // A command to this robot alone is answered at once, whatever the spread.
+    let sent = Instant::now();
+    watcher
+        .publish(
+            "fleet/linus/cmd/drive",
+            r#"{"direction":"forward","hold_ms":5000,"id":"go"}"#,
+        )
+        .await;
+    watcher
+        .wait_for_json("fleet/linus/result", |r| r["id"] == "go")
+        .await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(linus.recording.levels(&linus.inputs), "1010");
+
+    // The fleet-wide stop runs at once; its answer comes within the spread.
+    let sent = Instant::now();
+    watcher
+        .publish("fleet/all/cmd/stop", r#"{"id":"everyone-1"}"#)
+        .await;
+    let stopped = motors_off(&linus).await;
+    assert!(
+        stopped.duration_since(sent) < Duration::from_millis(500),
+        "motors off {:?} after the stop",
+        stopped.duration_since(sent)
+    );
+    let result = watcher
+        .wait_for_json("fleet/linus/result", |r| r["id"] == "everyone-1")
+        .await;
+    assert_eq!(result["status"], "ok");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+    let state = watcher
+        .wait_for_json("fleet/linus/state", |s| {
+            s["last_command"]["id"] == "everyone-1"
+        })
+        .await;
+    assert_eq!(state["motion"], "stop");
+    // `at_ms` says when the stop ran, not when the state left.
+    let ran_at = state["last_command"]["at_ms"].as_u64().expect("at_ms");
+    let published_at = state["last_seen_ms"].as_u64().expect("last_seen_ms");
+    assert!(ran_at <= published_at, "{state}");
+
+    // Leaving sends the answers still held back, before `offline`.
+    watcher.clear();
+    watcher
+        .publish(
+            "fleet/linus/cmd/drive",
+            r#"{"direction":"left","hold_ms":5000,"id":"go-2"}"#,
+        )
+        .await;
+    watcher
+        .wait_for_json("fleet/linus/result", |r| r["id"] == "go-2")
+        .await;
+    watcher
+        .publish("fleet/all/cmd/stop", r#"{"id":"everyone-2"}"#)
+        .await;
+    motors_off(&linus).await;
+    linus.node.stop().await.expect("clean stop");
+    watcher
+        .wait_for("offline", |m| {
+            m.topic == "fleet/linus/status" && m.text() == "offline"
+        })
+        .await;
+    let messages = watcher.messages();
+    let answered = messages
+        .iter()
+        .position(|m| m.topic == "fleet/linus/result" && m.json()["id"] == "everyone-2");
+    let offline = messages
+        .iter()
+        .position(|m| m.topic == "fleet/linus/status" && m.text() == "offline");
+    assert!(
+        answered.is_some() && answered < offline,
+        "answer {answered:?}, offline {offline:?}"
+    );
+}

@@ -65,6 +65,12 @@ struct Args {
     /// How often the state is republished while idle (its last_seen_ms), in seconds
     #[arg(long, env = "FLEET_HEARTBEAT_S", default_value_t = 30)]
     heartbeat_s: u64,
+    /// Answer fleet-wide commands (result and state) at a random moment within this many
+    /// milliseconds; the command itself runs at once. For large fleets (about 0.1 ms per
+    /// robot): thousands of robots answering an e-stop at the same instant slow the broker
+    /// down while it is still delivering the stop to the rest. 0 answers at once
+    #[arg(long, env = "FLEET_REPLY_SPREAD_MS", default_value_t = 0)]
+    fleet_reply_spread_ms: u64,
     /// How long the broker keeps the session (and queued commands) while the node is away, in seconds
     #[arg(long, env = "FLEET_SESSION_EXPIRY_S", default_value_t = 300)]
     session_expiry_s: u64,
@@ -227,6 +233,12 @@ async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
         )
         .max(1),
     );
+    config.fleet_reply_spread = Duration::from_millis(pick(
+        &matches,
+        "fleet_reply_spread_ms",
+        args.fleet_reply_spread_ms,
+        settings.fleet_reply_spread_ms,
+    ));
     config.session_expiry = Duration::from_secs(args.session_expiry_s);
     if let Some(password) = args.mqtt_password.clone() {
         config.credentials = Some((config.robot.id.to_string(), password));

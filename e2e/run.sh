@@ -287,6 +287,8 @@ check "the broker logs every kind of refusal (bad password, no credentials, ACL 
     grep -q \"\$line\" '$ART/fleet-broker.log' || { echo \"missing: \$line\"; exit 1; }; done"
 check "promtool check metrics passes on fleet-broker's /metrics" \
   bash -c "curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | promtool check metrics"
+check "the broker counts the connection that was not MQTT on /metrics" \
+  bash -c "curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -Eq '^fleet_broker_handshake_failures_total\\{reason=\"not_mqtt\"\\} [1-9]'"
 check "the broker counts auth failures and ACL denials on /metrics" \
   bash -c "curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_auth_failures_total{reason=\"bad_credentials\"} 1' && curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_acl_denials_total{action=\"subscribe\"} 2' && curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_acl_denials_total{action=\"publish\"} 1' && curl -fsS http://127.0.0.1:$SEC_METRICS/metrics | grep -q '^fleet_broker_auth_failures_total{reason=\"anonymous\"} 1'"
 

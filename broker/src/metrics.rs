@@ -3,7 +3,13 @@
 //! the series count.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::sync::Mutex;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -131,6 +137,7 @@ impl BrokerMetrics {
             "Retained messages held",
             retained.clone(),
         );
+        registry.register_collector(Box::new(HandshakeFailureCollector));
         fleet_runtime::process::register(&mut registry);
         Self {
             registry,
@@ -269,6 +276,36 @@ impl BrokerMetrics {
     /// Prometheus text format (see `fleet_runtime::exposition`).
     pub fn encode(&self) -> String {
         fleet_runtime::exposition::encode(&self.registry)
+    }
+}
+
+/// `fleet_broker_handshake_failures_total`, read at scrape time from the process-wide
+/// counts of `fleet_runtime::handshake_failures` (rmqtt has no hook before a CONNECT, so
+/// they come from its log lines; every fleet binary installs that layer at start-up).
+#[derive(Debug)]
+struct HandshakeFailureCollector;
+
+impl Collector for HandshakeFailureCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let counts = fleet_runtime::handshake_failures::counts();
+        let mut family = encoder.encode_descriptor(
+            "fleet_broker_handshake_failures",
+            "Connections closed before their session started, by reason (not_mqtt: the first \
+             bytes were not an MQTT CONNECT; bad_connect: a CONNECT refused for another reason \
+             than the login, which fleet_broker_auth_failures_total counts)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, count) in [
+            ("not_mqtt", counts.not_mqtt),
+            ("bad_connect", counts.bad_connect),
+        ] {
+            let labels = ReasonLabels {
+                reason: reason.to_owned(),
+            };
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -155,7 +155,14 @@ async fn still_serving(publisher: &Watcher, subscriber: &Watcher, tag: &str) {
 
 #[tokio::test]
 async fn garbage_instead_of_a_connect_is_closed() {
+    // The counter of connections closed before a CONNECT comes from rmqtt's log lines,
+    // through the layer every fleet binary installs with its logging.
+    let _telemetry = fleet_runtime::telemetry::init("malformed-mqtt-test");
     let broker = open_broker().await;
+    let not_mqtt = r#"fleet_broker_handshake_failures_total{reason="not_mqtt"}"#;
+    let bad_connect = r#"fleet_broker_handshake_failures_total{reason="bad_connect"}"#;
+    let not_mqtt_before = metric(&broker, not_mqtt).await;
+    let bad_connect_before = metric(&broker, bad_connect).await;
     let subscriber = Watcher::v311(broker.mqtt_addr(), "canary-sub", "fleet/#").await;
     let publisher = Watcher::v5(broker.mqtt_addr(), "canary-pub", "nothing/#").await;
 
@@ -213,6 +220,22 @@ async fn garbage_instead_of_a_connect_is_closed() {
         still_serving(&publisher, &subscriber, &what.replace(' ', "-")).await;
     }
     assert!(subscriber.errors().is_empty(), "{:?}", subscriber.errors());
+
+    // Counted: each of these is a connection that never started a session. (The counts
+    // are per process; other tests here may add to them, never take away.)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let not_mqtt_seen = metric(&broker, not_mqtt).await - not_mqtt_before;
+        let bad_connect_seen = metric(&broker, bad_connect).await - bad_connect_before;
+        if not_mqtt_seen >= 7.0 && bad_connect_seen >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handshake failures counted: not_mqtt {not_mqtt_seen}, bad_connect {bad_connect_seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -17,12 +17,14 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// rmqtt's plugins log their configuration at info level under hyphenated targets. Its
 /// listener (`rmqtt::server`) stays at info: the only trace of a connection that sent
-/// something other than an MQTT CONNECT is its `MQTT version detection failed` line.
+/// something other than an MQTT CONNECT is its `MQTT version detection failed` line
+/// (which [`crate::handshake_failures`] also counts, at any level).
 const QUIET_DEPENDENCIES: &str = "info,rmqtt=warn,rmqtt::server=info,rmqtt_net=warn,rmqtt-retainer=warn,rmqtt-shared-subscription=warn";
 
 #[derive(Debug, Clone)]
@@ -93,11 +95,14 @@ pub fn init(service_name: &str) -> Telemetry {
 }
 
 pub fn init_with(config: TelemetryConfig) -> Telemetry {
+    // Filters per layer rather than for the whole subscriber: the handshake-failure
+    // counter must see rmqtt's listener lines whatever `RUST_LOG` prints.
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(QUIET_DEPENDENCIES));
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(QUIET_DEPENDENCIES));
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_filter(filter());
     let (provider, export_error) = if config.exports() {
         match build_provider(&config) {
             Ok(provider) => (Some(provider), None),
@@ -106,13 +111,15 @@ pub fn init_with(config: TelemetryConfig) -> Telemetry {
     } else {
         (None, None)
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone())));
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(config.service_name.clone()))
+            .with_filter(filter())
+    });
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
+        .with(crate::handshake_failures::layer())
         .try_init();
     match (&provider, export_error) {
         (Some(_), _) => tracing::info!(service = %config.service_name, "exporting spans over OTLP"),

@@ -28,6 +28,10 @@ use crate::driver::{Driver, DriverError};
 use crate::metrics::NodeMetrics;
 use crate::robot::{CommandFailure, Robot};
 
+/// Answers to fleet-wide commands held back at once (see `NodeConfig::fleet_reply_spread`);
+/// past that, a flood of fleet-wide commands is answered at once instead of piling up.
+const MAX_DEFERRED_REPLIES: usize = 64;
+
 /// Largest packet the node accepts. Bigger than any valid command, so that an oversized
 /// command reaches the parser and gets an error result instead of killing the link.
 const MAX_INCOMING_PACKET: u32 = 2 * 1024 * 1024;
@@ -620,7 +624,7 @@ impl Node {
             });
         }
         let spread = self.config.fleet_reply_spread;
-        if fleet_wide && !spread.is_zero() {
+        if fleet_wide && !spread.is_zero() && self.deferred_replies.len() < MAX_DEFERRED_REPLIES {
             self.deferred_replies.push(DeferredReply {
                 due: Instant::now() + spread.mul_f64(rand::random::<f64>()),
                 result,

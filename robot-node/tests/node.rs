@@ -625,6 +625,39 @@ async fn motors_off(robot: &TestRobot) -> Instant {
 }
 
 #[tokio::test]
+async fn a_flood_of_fleet_wide_commands_is_not_held_back_without_bound() {
+    let broker = start_broker().await;
+    let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;
+    let mut linus_config = config(broker.mqtt_addr(), RobotConfig::linus());
+    linus_config.fleet_reply_spread = Duration::from_secs(30);
+    let _linus = spawn(linus_config);
+    online(&watcher, "linus").await;
+
+    // 100 fleet-wide stops: the node holds back a bounded number of answers and answers
+    // the rest at once, long before the 30 s window ends.
+    for i in 0..100 {
+        watcher
+            .publish("fleet/all/cmd/stop", format!(r#"{{"id":"flood-{i}"}}"#))
+            .await;
+    }
+    watcher
+        .wait_for("answers beyond the held-back ones", |_| {
+            watcher
+                .messages()
+                .iter()
+                .filter(|m| {
+                    m.topic == "fleet/linus/result"
+                        && m.json()["id"]
+                            .as_str()
+                            .is_some_and(|id| id.starts_with("flood-"))
+                })
+                .count()
+                >= 100 - 64
+        })
+        .await;
+}
+
+#[tokio::test]
 async fn answers_to_fleet_wide_commands_are_spread_out_but_the_stop_is_immediate() {
     let broker = start_broker().await;
     let watcher = Watcher::v311(broker.mqtt_addr(), "watcher", "fleet/#").await;

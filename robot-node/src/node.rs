@@ -657,10 +657,10 @@ impl Node {
     /// Sends the held-back answers whose moment has come (all of them when leaving).
     fn send_deferred_replies(&mut self, all: bool) {
         let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred_replies)
-            .into_iter()
-            .partition(|reply| all || reply.due <= now);
-        self.deferred_replies = later;
+        let due: Vec<DeferredReply> = self
+            .deferred_replies
+            .extract_if(.., |reply| all || reply.due <= now)
+            .collect();
         let mut state_changed = false;
         for reply in due {
             self.publish_result(&reply.result, reply.response_topic, reply.correlation);

@@ -173,6 +173,8 @@ check "robot-node serves /metrics with its command counter" \
   wait_for 5 has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/metrics") '^fleet_node_commands_total\{topic="\+/cmd/drive",result="ok"\} 1'
 check "robot-node /metrics has process metrics" \
   has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/metrics") '^process_resident_memory_bytes '
+check "robot-node /metrics counts dropped log lines (none while its log is read)" \
+  has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/metrics") '^fleet_log_lines_dropped_total 0$'
 check "promtool check metrics passes on robot-node's /metrics" \
   bash -c "curl -fsS http://127.0.0.1:$NODE_METRICS_PORT/metrics | promtool check metrics"
 check "robot-node /health" has_line <(curl -fsS "http://127.0.0.1:$NODE_METRICS_PORT/health") '"robots_connected":3'

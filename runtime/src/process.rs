@@ -113,6 +113,14 @@ fn parse(stat: &str, status: &str, proc_stat: &str) -> Option<Sample> {
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        ConstCounter::new(crate::telemetry::dropped_log_lines()).encode(
+            encoder.encode_descriptor(
+                "fleet_log_lines_dropped",
+                "Log lines dropped because the log output (stderr) did not keep up",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
         let Some(s) = sample() else {
             return Ok(());
         };

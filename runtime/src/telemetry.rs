@@ -2,10 +2,16 @@
 //! over OTLP (HTTP/protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. Silent otherwise.
 //!
+//! Log lines are written by a thread of their own, through a bounded buffer: a log
+//! reader that stalls (a full pipe to a container runtime or journald) must never stall
+//! the runtime that drives the motors and their dead-man. Lines that do not fit are
+//! dropped, counted (`fleet_log_lines_dropped_total`) and reported in a later line.
+//!
 //! Trace context crosses MQTT as W3C `traceparent`; [`set_remote_parent`] continues a
 //! received one and [`traceparent_of`] gives the one to send on.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use fleet_protocol::TraceParent;
@@ -15,6 +21,7 @@ use opentelemetry::trace::{
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
@@ -59,10 +66,31 @@ impl TelemetryConfig {
     }
 }
 
-/// Keeps the span exporter alive; flushes and stops it when dropped.
+/// Log lines the writer thread holds before new ones are dropped: about 8 s of a busy
+/// gateway's per-command lines, a few MiB at most (a Pi Zero has 512 MiB in all).
+const BUFFERED_LOG_LINES: usize = 8_192;
+
+/// How often a process says that it dropped log lines (when it did).
+const DROPPED_LINES_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The dropped-line count of the writer the process logs through (set once, by the
+/// first [`init`]).
+static DROPPED_LOG_LINES: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped so far because the log output did not keep up.
+pub fn dropped_log_lines() -> u64 {
+    DROPPED_LOG_LINES
+        .get()
+        .map_or(0, |counter| counter.dropped_lines() as u64)
+}
+
+/// Keeps the span exporter and the log writer alive; flushes and stops them when dropped.
 #[must_use = "spans are only exported while the Telemetry guard lives"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// Flushes the buffered log lines (waiting at most about a second) when dropped,
+    /// after the provider.
+    _log_writer: WorkerGuard,
 }
 
 impl Telemetry {
@@ -99,7 +127,14 @@ pub fn init_with(config: TelemetryConfig) -> Telemetry {
     // counter must see rmqtt's listener lines whatever `RUST_LOG` prints.
     let filter =
         || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(QUIET_DEPENDENCIES));
+    let (writer, log_writer) = NonBlockingBuilder::default()
+        .buffered_lines_limit(BUFFERED_LOG_LINES)
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .with_filter(filter());
@@ -116,11 +151,17 @@ pub fn init_with(config: TelemetryConfig) -> Telemetry {
             .with_tracer(p.tracer(config.service_name.clone()))
             .with_filter(filter())
     });
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
         .with(crate::handshake_failures::layer())
-        .try_init();
+        .try_init()
+        .is_ok();
+    // Only the first call in a process installs its writer (later ones, in tests, log
+    // through the first).
+    if installed && DROPPED_LOG_LINES.set(dropped.clone()).is_ok() {
+        report_dropped_lines(dropped);
+    }
     match (&provider, export_error) {
         (Some(_), _) => tracing::info!(service = %config.service_name, "exporting spans over OTLP"),
         (None, Some(error)) => {
@@ -128,7 +169,36 @@ pub fn init_with(config: TelemetryConfig) -> Telemetry {
         }
         (None, None) => {}
     }
-    Telemetry { provider }
+    Telemetry {
+        provider,
+        _log_writer: log_writer,
+    }
+}
+
+/// Says, in the log itself, how many lines were dropped since the last report. Such a
+/// line may be dropped too while the output is still stuck; it is then counted and the
+/// next report covers it.
+fn report_dropped_lines(counter: ErrorCounter) {
+    let spawned = std::thread::Builder::new()
+        .name("log-drops".into())
+        .spawn(move || {
+            let mut reported = 0;
+            loop {
+                std::thread::sleep(DROPPED_LINES_REPORT_INTERVAL);
+                let dropped = counter.dropped_lines();
+                if dropped > reported {
+                    tracing::warn!(
+                        dropped = dropped - reported,
+                        total = dropped,
+                        "log lines dropped: the log output (stderr) is not keeping up"
+                    );
+                    reported = dropped;
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the dropped-log-lines reporter");
+    }
 }
 
 fn build_provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, String> {

@@ -26,20 +26,12 @@ fn free_port() -> u16 {
 }
 
 async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
-        .expect("metrics endpoint");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .expect("metrics endpoint")
+        .text()
         .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    response
+        .expect("metrics text")
 }
 
 fn metric(exposition: &str, name: &str) -> Option<f64> {

@@ -123,9 +123,14 @@ impl AclTopics {
                 format!("{p}/{username}/state"),
                 format!("{p}/{username}/status"),
                 format!("{p}/{username}/result"),
-                // Results for MQTT 5 senders that asked for them on their reply topic.
-                format!("{p}/_gateway/+/result"),
-                format!("{d}/#"),
+                // Results for a gateway's commands, on that gateway's reply topic for this
+                // robot: a robot cannot answer for another one.
+                format!("{p}/_gateway/+/{username}/result"),
+                // Its own Home Assistant device, nobody else's.
+                format!(
+                    "{d}/device/{}/config",
+                    fleet_protocol::discovery::object_id(&self.fleet, username)
+                ),
             ],
         }
     }
@@ -184,8 +189,19 @@ mod tests {
         assert!(!acl.may_subscribe(r, "linus", "$share/g/fleet/torvalds/cmd/+"));
         assert!(acl.may_publish(r, "linus", "fleet/linus/state"));
         assert!(acl.may_publish(r, "linus", "fleet/linus/result"));
-        assert!(acl.may_publish(r, "linus", "fleet/_gateway/gw-1/result"));
-        assert!(acl.may_publish(r, "linus", "homeassistant/device/linus/config"));
+        assert!(acl.may_publish(r, "linus", "fleet/_gateway/gw-1/linus/result"));
+        assert!(
+            !acl.may_publish(r, "linus", "fleet/_gateway/gw-1/torvalds/result"),
+            "cannot answer for another robot"
+        );
+        assert!(!acl.may_publish(r, "linus", "fleet/_gateway/gw-1/result"));
+        assert!(acl.may_publish(r, "linus", "homeassistant/device/fleet_linus/config"));
+        assert!(
+            !acl.may_publish(r, "linus", "homeassistant/device/fleet_torvalds/config"),
+            "cannot touch another robot's Home Assistant device"
+        );
+        assert!(!acl.may_publish(r, "linus", "homeassistant/status"));
+        assert!(!acl.may_publish(r, "linus", "homeassistant/switch/x/config"));
         assert!(
             !acl.may_publish(r, "linus", "fleet/torvalds/state"),
             "cannot speak for another robot"

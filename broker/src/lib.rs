@@ -6,27 +6,37 @@
 
 pub mod acl;
 pub mod auth;
+pub mod clients;
+pub mod gate;
+mod hooks;
 pub mod http;
+pub mod limits;
+pub mod logins;
 pub mod metrics;
+pub mod retained;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use rmqtt::codec::v5::SubscribeAckReason;
+use std::sync::Mutex;
+
 use rmqtt::context::ServerContext;
-use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
+use rmqtt::hook::Type;
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::types::{AuthResult, PublishAclResult, SubscribeAclResult};
 use tokio::task::JoinHandle;
 
 use crate::acl::{AclTopics, Role};
-use crate::auth::{Users, Verdict};
+use crate::auth::Users;
+use crate::gate::{ConnectionLimits, FleetGate, Refusals};
+use crate::hooks::FleetHooks;
+use crate::limits::TopicLimits;
+use crate::logins::{LoginLimits, Logins};
 use crate::metrics::BrokerMetrics;
-use fleet_runtime::log_limit::{Admission, LogLimiter, report_held_back};
+use crate::retained::{RetainedLedger, RetainedQuota};
+use fleet_runtime::log_limit::{LogLimiter, report_held_back};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -44,6 +54,8 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the password-checking threads: {0}")]
+    Threads(#[source] std::io::Error),
     #[error("cannot register the rmqtt plugin {plugin}: {source}")]
     Plugin {
         plugin: &'static str,
@@ -79,8 +91,18 @@ pub struct BrokerConfig {
     pub anonymous_role: Role,
     /// Where to serve `/metrics` and `/health`; off when `None`.
     pub http_addr: Option<SocketAddr>,
-    /// Most clients connected at once per listener.
-    pub max_connections: usize,
+    /// Connections open at once, per address before their CONNECT, and the web pages
+    /// allowed to use the websocket listener.
+    pub connections: ConnectionLimits,
+    /// How long a new connection has to send its CONNECT (each of the first bytes and the
+    /// rest of the packet, so at most twice this).
+    pub handshake_timeout: Duration,
+    /// Password checks: threads, queue, per-address backoff.
+    pub logins: LoginLimits,
+    /// How long and deep topic names and filters may be.
+    pub topic_limits: TopicLimits,
+    /// Retained messages per user and in total.
+    pub retained: RetainedQuota,
     /// Unacknowledged QoS 1/2 messages per client. rmqtt's default (16) disconnects a
     /// 3.1.1 client that pipelines more QoS 2 publishes.
     pub max_inflight: NonZeroU16,
@@ -100,7 +122,11 @@ impl Default for BrokerConfig {
             allow_anonymous: true,
             anonymous_role: Role::Admin,
             http_addr: None,
-            max_connections: 100_000,
+            connections: ConnectionLimits::default(),
+            handshake_timeout: Duration::from_secs(10),
+            logins: LoginLimits::default(),
+            topic_limits: TopicLimits::default(),
+            retained: RetainedQuota::default(),
             max_inflight: NonZeroU16::new(1024).unwrap_or(NonZeroU16::MIN),
             max_queue_len: 10_000,
             max_packet_size: 1024 * 1024,
@@ -185,14 +211,25 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     let metrics = Arc::new(BrokerMetrics::new(config.topics.clone()));
     let register = scx.extends.hook_mgr().register();
     let log_limit = Arc::new(LogLimiter::default());
+    let logins = match &config.users {
+        Some(users) => Some(Arc::new(
+            Logins::start(users.clone(), config.logins).map_err(BrokerError::Threads)?,
+        )),
+        None => None,
+    };
+    let refusals = Arc::new(Refusals::default());
     let hooks = FleetHooks {
+        scx: scx.clone(),
         topics: config.topics.clone(),
+        limits: config.topic_limits,
         users: config.users.clone(),
+        logins,
         allow_anonymous: config.allow_anonymous,
         anonymous_role: config.anonymous_role,
         metrics: metrics.clone(),
         log_limit: log_limit.clone(),
-        password_checks: Arc::new(tokio::sync::Semaphore::new(concurrent_password_checks())),
+        retained: Arc::new(Mutex::new(RetainedLedger::new(config.retained))),
+        refusals: refusals.clone(),
     };
     for hook in [
         Type::ClientAuthenticate,
@@ -206,6 +243,15 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         register.add(hook, Box::new(hooks.clone())).await;
     }
     register.start().await;
+    // One gate for every listener: the connection cap is the broker's, not a port's.
+    let mut connections = config.connections.clone();
+    connections.max_connections = within_file_limit(connections.max_connections);
+    let gate = Arc::new(FleetGate::new(
+        connections,
+        refusals,
+        metrics.clone(),
+        log_limit.clone(),
+    ));
 
     let http_addr = match config.http_addr {
         Some(addr) => {
@@ -219,7 +265,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         None => None,
     };
 
-    let tcp = listener(&config, "fleet/tcp", config.mqtt_addr)
+    let tcp = listener(&config, &gate, "fleet/tcp", config.mqtt_addr)
         .bind()
         .and_then(|l| l.tcp())
         .map_err(|source| BrokerError::Bind {
@@ -231,7 +277,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
 
     let mut ws_addr = None;
     if let Some(addr) = config.ws_addr {
-        let ws = listener(&config, "fleet/ws", addr)
+        let ws = listener(&config, &gate, "fleet/ws", addr)
             .bind()
             .and_then(|l| l.ws())
             .map_err(|source| BrokerError::Bind { addr, source })?;
@@ -241,7 +287,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
 
     let mut tls_addr = None;
     if let Some(tls) = &config.tls {
-        let listener = listener(&config, "fleet/tls", tls.addr)
+        let listener = listener(&config, &gate, "fleet/tls", tls.addr)
             .tls_cert(Some(tls.cert.display().to_string()))
             .tls_key(Some(tls.key.display().to_string()))
             .bind()
@@ -275,7 +321,32 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     })
 }
 
-fn listener(config: &BrokerConfig, name: &str, addr: SocketAddr) -> Builder {
+/// File descriptors kept for everything but client connections: listeners, the metrics
+/// port, logs, TLS files.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// `wanted` connections, or fewer if the process cannot open that many sockets: once
+/// accept() fails for lack of descriptors, nobody (robots included) gets in any more, so
+/// the cap must bite first. Raises the soft limit to the hard one on the way.
+fn within_file_limit(wanted: usize) -> usize {
+    let limit = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft));
+    let Ok(limit) = limit else {
+        return wanted;
+    };
+    let room = usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
+    if wanted > room {
+        tracing::warn!(
+            wanted,
+            allowed = room,
+            file_limit = limit,
+            "--max-connections is above what the file descriptor limit allows: capped (raise `ulimit -n` / LimitNOFILE for more)"
+        );
+    }
+    wanted.min(room.max(1))
+}
+
+fn listener(config: &BrokerConfig, gate: &Arc<FleetGate>, name: &str, addr: SocketAddr) -> Builder {
     Builder::new()
         .name(name)
         .laddr(addr)
@@ -284,249 +355,20 @@ fn listener(config: &BrokerConfig, name: &str, addr: SocketAddr) -> Builder {
         // Commands and results are small packets: without TCP_NODELAY, Nagle's algorithm
         // and delayed ACKs hold them back by up to 40 ms.
         .nodelay(true)
-        // With authentication on, rmqtt must ask the fleet's hook about every client
-        // (it skips the hook for clients without a username when anonymous is allowed).
-        .allow_anonymous(config.users.is_none())
-        .max_connections(config.max_connections)
+        // rmqtt skips the login hook for clients without a username when anonymous access
+        // is on; the fleet's hook decides about anonymous clients itself, so that client
+        // ids and wills are checked for everyone.
+        .allow_anonymous(false)
+        .gate(gate.clone())
+        .handshake_timeout(config.handshake_timeout)
+        .max_connections(config.connections.max_connections)
         .max_inflight(config.max_inflight)
         .max_mqueue_len(config.max_queue_len)
         .max_packet_size(config.max_packet_size)
+        // rmqtt's own level limit answers a bare 0x80 that nobody counts; the subscribe
+        // hook refuses deeper filters itself (0x8F, counted, logged) before any trie.
+        .max_topic_levels(0)
         // rmqtt stamps a 5-minute expiry on every message by default, which silently
         // drops queued commands. Senders set expiry themselves.
         .message_expiry_interval(Duration::ZERO)
-}
-
-/// The fleet's rules in rmqtt's hooks: authentication, the ACL, the publish rules rmqtt
-/// lacks, and the counts behind the metrics.
-#[derive(Clone)]
-struct FleetHooks {
-    topics: AclTopics,
-    users: Option<Arc<Users>>,
-    allow_anonymous: bool,
-    anonymous_role: Role,
-    metrics: Arc<BrokerMetrics>,
-    log_limit: Arc<LogLimiter>,
-    /// Each argon2 check holds 19 MiB for tens of milliseconds. Without a bound, a flood
-    /// of logins with wrong passwords runs hundreds at once on blocking threads and takes
-    /// gigabytes; with it, they wait their turn and the rest of the broker keeps going.
-    password_checks: Arc<tokio::sync::Semaphore>,
-}
-
-impl FleetHooks {
-    /// Whether to write a log line of `kind` now: `Some(lines held back before it)`.
-    fn log_line(&self, kind: &'static str) -> Option<u64> {
-        match self.log_limit.admit(kind, std::time::Instant::now()) {
-            Admission::Log { held_back } => Some(held_back),
-            Admission::HoldBack => None,
-        }
-    }
-
-    /// The role of a connected client (it passed authentication already).
-    fn role_of(&self, username: Option<&str>) -> Option<Role> {
-        match (&self.users, username) {
-            (Some(users), Some(name)) => users.role_of(name),
-            _ => self.allow_anonymous.then_some(self.anonymous_role),
-        }
-    }
-
-    fn refusal(&self, topic: &str, retain: bool) -> Option<(&'static str, &'static str)> {
-        if topic.is_empty() || topic.contains(['+', '#', '\0']) {
-            Some((
-                "invalid_topic",
-                "topic names must not be empty or contain '+', '#' or NUL",
-            ))
-        } else if retain && self.topics.fleet.is_command_topic(topic) {
-            Some((
-                "retained_command",
-                "commands must not be retained: a retained command re-fires on every reconnect",
-            ))
-        } else {
-            None
-        }
-    }
-
-    async fn authenticate(
-        &self,
-        username: Option<String>,
-        password: Option<Vec<u8>>,
-    ) -> AuthResult {
-        let Some(users) = self.users.clone() else {
-            return AuthResult::Allow(false, None);
-        };
-        let Some(username) = username else {
-            if self.allow_anonymous {
-                return AuthResult::Allow(false, None);
-            }
-            self.metrics.record_auth_failure("anonymous");
-            if let Some(held_back) = self.log_line("anonymous_refused") {
-                tracing::warn!(
-                    held_back,
-                    "refused a client without credentials (anonymous access is off)"
-                );
-            }
-            return AuthResult::NotAuthorized;
-        };
-        let password = password.unwrap_or_default();
-        let name = username.clone();
-        let Ok(_permit) = self.password_checks.acquire().await else {
-            // Only closed when the broker stops.
-            return AuthResult::NotAuthorized;
-        };
-        // argon2 takes tens of milliseconds on a cache miss: off the async threads.
-        let verdict = tokio::task::spawn_blocking(move || users.verify(&name, &password))
-            .await
-            .unwrap_or(Verdict::BadCredentials);
-        match verdict {
-            Verdict::Allowed(_) => AuthResult::Allow(false, None),
-            Verdict::BadCredentials => {
-                self.metrics.record_auth_failure("bad_credentials");
-                if let Some(held_back) = self.log_line("bad_credentials") {
-                    tracing::warn!(%username, held_back, "refused a client: bad username or password");
-                }
-                AuthResult::BadUsernameOrPassword
-            }
-        }
-    }
-}
-
-fn username(session: &rmqtt::session::Session) -> Option<&str> {
-    session.id.username.as_deref()
-}
-
-#[async_trait]
-impl Handler for FleetHooks {
-    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
-        match param {
-            Parameter::ClientAuthenticate(info) => {
-                let username = info.username().map(|u| u.to_string());
-                let password = info.password().map(|p| p.to_vec());
-                let result = self.authenticate(username, password).await;
-                (false, Some(HookResult::AuthResult(result)))
-            }
-            Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
-                let filter = subscribe.topic_filter.to_string();
-                let user = username(session);
-                let allowed = self.role_of(user).is_some_and(|role| {
-                    self.topics
-                        .may_subscribe(role, user.unwrap_or_default(), &filter)
-                });
-                if allowed {
-                    return (true, acc);
-                }
-                self.metrics.record_acl_denial("subscribe");
-                if let Some(held_back) = self.log_line("subscription_refused") {
-                    tracing::warn!(client = %session.id.client_id, user = user.unwrap_or("(anonymous)"), %filter, held_back, "subscription refused by the ACL");
-                }
-                let denied = SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
-                (false, Some(HookResult::SubscribeAclResult(denied)))
-            }
-            Parameter::MessagePublishCheckAcl(session, publish) => {
-                let topic: &str = &publish.topic;
-                let user = username(session);
-                let refusal = self.refusal(topic, publish.retain).or_else(|| {
-                    let allowed = self.role_of(user).is_some_and(|role| {
-                        self.topics
-                            .may_publish(role, user.unwrap_or_default(), topic)
-                    });
-                    (!allowed).then_some(("acl", "not allowed to publish to this topic"))
-                });
-                if let Some((reason, text)) = refusal {
-                    if reason == "acl" {
-                        self.metrics.record_acl_denial("publish");
-                    } else {
-                        self.metrics.record_refused(reason);
-                    }
-                    if let Some(held_back) = self.log_line("publish_refused") {
-                        tracing::warn!(client = %session.id.client_id, user = user.unwrap_or("(anonymous)"), topic = %topic.escape_debug(), reason = text, held_back, "publish refused");
-                    }
-                    let result = PublishAclResult::rejected(false, Some(text.into()));
-                    return (false, Some(HookResult::PublishAclResult(result)));
-                }
-                self.metrics
-                    .record_received(topic, publish.retain, publish.payload.is_empty());
-                if self.topics.fleet.is_command_topic(topic) {
-                    // Follow a click through the broker's log by its trace id.
-                    let traceparent = publish.properties.as_ref().and_then(|p| {
-                        p.user_properties
-                            .iter()
-                            .find(|(k, _)| &**k == "traceparent")
-                            .map(|(_, v)| v.to_string())
-                    });
-                    tracing::debug!(client = %session.id.client_id, %topic, traceparent = traceparent.as_deref().unwrap_or("-"), "command");
-                }
-                (true, acc)
-            }
-            Parameter::MessageDelivered(_, _, publish) => {
-                self.metrics.record_delivered(&publish.topic);
-                (true, acc)
-            }
-            Parameter::MessageDropped(to, from, publish, reason) => {
-                let kind = drop_reason(reason);
-                self.metrics.record_dropped(kind);
-                if let Some(held_back) = self.log_line("message_dropped") {
-                    tracing::warn!(?to, ?from, topic = %publish.topic, reason = kind, held_back, "message dropped");
-                }
-                (true, acc)
-            }
-            Parameter::ClientConnected(_) => {
-                self.metrics.connects.inc();
-                self.metrics.connections.inc();
-                (true, acc)
-            }
-            Parameter::ClientDisconnected(session, reason) => {
-                let kind = disconnect_reason(reason);
-                self.metrics.record_disconnect(kind);
-                if kind == "protocol_error"
-                    && let Some(held_back) = self.log_line("protocol_error")
-                {
-                    tracing::warn!(client = %session.id.client_id, user = username(session).unwrap_or("(anonymous)"), %reason, held_back, "disconnected a client that broke the protocol");
-                }
-                self.metrics.connections.dec();
-                (true, acc)
-            }
-            _ => (true, acc),
-        }
-    }
-}
-
-/// How many argon2 checks may run at once: one per core, at least two.
-fn concurrent_password_checks() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
-}
-
-/// A bounded label for why a client went away.
-fn disconnect_reason(reason: &rmqtt::types::Reason) -> &'static str {
-    use rmqtt::types::Reason;
-    match reason {
-        Reason::ConnectDisconnect(_) => "client",
-        Reason::ConnectRemoteClose
-        | Reason::ConnectReadWriteError
-        | Reason::ConnectReadWriteTimeout => "connection_closed",
-        Reason::ConnectKeepaliveTimeout => "keepalive_timeout",
-        Reason::ConnectKicked(_) => "taken_over",
-        // rmqtt reports what its decoder refused (oversized packets, topics that are not
-        // UTF-8, a second CONNECT, unknown packet types) as a plain error text.
-        Reason::ProtocolError(_) | Reason::MqttError(_) | Reason::Error(_) => "protocol_error",
-        Reason::Reasons(reasons) => reasons.first().map_or("other", disconnect_reason),
-        _ => "other",
-    }
-}
-
-/// A bounded label for why rmqtt dropped a message.
-fn drop_reason(reason: &rmqtt::types::Reason) -> &'static str {
-    use rmqtt::types::Reason;
-    match reason {
-        Reason::MessageQueueFull => "queue_full",
-        Reason::InflightWindowFull => "inflight_full",
-        Reason::MessageExpiration => "expired",
-        Reason::SessionExpiration => "session_expired",
-        Reason::PublishResult(_) | Reason::DelayedPublishRefused => "refused",
-        Reason::ConnectDisconnect(_)
-        | Reason::ConnectRemoteClose
-        | Reason::ConnectReadWriteError
-        | Reason::ConnectReadWriteTimeout
-        | Reason::ConnectKeepaliveTimeout
-        | Reason::ConnectKicked(_) => "disconnected",
-        _ => "other",
-    }
 }

@@ -57,9 +57,55 @@ pub struct BrokerMetrics {
     delivered: Family<TopicLabels, Counter>,
     dropped: Family<ReasonLabels, Counter>,
     pub retained: Gauge,
-    /// Retained topics (with a non-empty payload), for the retained gauge.
-    retained_topics: Mutex<HashSet<String>>,
+    connections_refused: Family<ReasonLabels, Counter>,
+    connects_refused: Family<ReasonLabels, Counter>,
+    subscriptions_refused: Family<ReasonLabels, Counter>,
+    /// Connections accepted that have not sent their CONNECT yet.
+    pub handshakes_pending: Gauge,
     templates: Mutex<HashSet<String>>,
+}
+
+/// The `reason` label values of `fleet_broker_auth_failures_total`.
+pub const AUTH_FAILURE_REASONS: [&str; 4] = ["bad_credentials", "anonymous", "throttled", "busy"];
+/// The `reason` label values of `fleet_broker_connections_refused_total`.
+pub const CONNECTION_REFUSAL_REASONS: [&str; 3] =
+    ["max_connections", "pending_per_address", "ws_origin"];
+/// The `reason` label values of `fleet_broker_connects_refused_total`.
+pub const CONNECT_REFUSAL_REASONS: [&str; 9] = [
+    "robot_client_id",
+    "client_id_reserved",
+    "client_id_taken",
+    "will_not_allowed",
+    "will_invalid_topic",
+    "will_topic_too_long",
+    "will_too_many_levels",
+    "will_retained_command",
+    "will_retained_quota",
+];
+/// The `reason` label values of `fleet_broker_publishes_refused_total`.
+pub const PUBLISH_REFUSAL_REASONS: [&str; 5] = [
+    "invalid_topic",
+    "topic_too_long",
+    "too_many_levels",
+    "retained_command",
+    "retained_quota",
+];
+/// The `reason` label values of `fleet_broker_subscriptions_refused_total`.
+pub const SUBSCRIPTION_REFUSAL_REASONS: [&str; 3] =
+    ["invalid_topic", "topic_too_long", "too_many_levels"];
+
+/// A counter family with every `reasons` series present from the start, at 0: a rate
+/// over a series that does not exist yet is "no data", not 0.
+fn reason_family(reasons: &[&str]) -> Family<ReasonLabels, Counter> {
+    let family = Family::<ReasonLabels, Counter>::default();
+    for reason in reasons {
+        family
+            .get_or_create(&ReasonLabels {
+                reason: (*reason).to_owned(),
+            })
+            .inc_by(0);
+    }
+    family
 }
 
 impl BrokerMetrics {
@@ -77,25 +123,17 @@ impl BrokerMetrics {
             "Client connections accepted",
             connects.clone(),
         );
-        let disconnects = Family::<ReasonLabels, Counter>::default();
-        // Every reason from the start, at 0: a rate over a series that does not exist yet
-        // is "no data", not 0.
-        for reason in DISCONNECT_REASONS {
-            disconnects
-                .get_or_create(&ReasonLabels {
-                    reason: reason.to_owned(),
-                })
-                .inc_by(0);
-        }
+        let disconnects = reason_family(&DISCONNECT_REASONS);
         registry.register(
             "fleet_broker_disconnects",
             "Client disconnections, by reason",
             disconnects.clone(),
         );
-        let auth_failures = Family::<ReasonLabels, Counter>::default();
+        let auth_failures = reason_family(&AUTH_FAILURE_REASONS);
         registry.register(
             "fleet_broker_auth_failures",
-            "Refused CONNECTs, by reason (bad_credentials, anonymous)",
+            "CONNECTs refused at the login, by reason (bad_credentials, anonymous; throttled: \
+             the address failed too often and must wait; busy: every password check was taken)",
             auth_failures.clone(),
         );
         let acl_denials = Family::<ActionLabels, Counter>::default();
@@ -104,11 +142,38 @@ impl BrokerMetrics {
             "Publishes and subscriptions the ACL refused, by action",
             acl_denials.clone(),
         );
-        let publishes_refused = Family::<ReasonLabels, Counter>::default();
+        let publishes_refused = reason_family(&PUBLISH_REFUSAL_REASONS);
         registry.register(
             "fleet_broker_publishes_refused",
-            "Publishes refused by the fleet's rules, by reason (retained_command, invalid_topic)",
+            "Publishes refused by the fleet's rules, by reason (invalid_topic, topic_too_long, \
+             too_many_levels, retained_command, retained_quota)",
             publishes_refused.clone(),
+        );
+        let subscriptions_refused = reason_family(&SUBSCRIPTION_REFUSAL_REASONS);
+        registry.register(
+            "fleet_broker_subscriptions_refused",
+            "Subscriptions refused for their filter, by reason (invalid_topic, topic_too_long, \
+             too_many_levels); the ACL's refusals are in fleet_broker_acl_denials_total",
+            subscriptions_refused.clone(),
+        );
+        let connections_refused = reason_family(&CONNECTION_REFUSAL_REASONS);
+        registry.register(
+            "fleet_broker_connections_refused",
+            "Connections closed before their first packet was read, by reason \
+             (max_connections, pending_per_address, ws_origin)",
+            connections_refused.clone(),
+        );
+        let connects_refused = reason_family(&CONNECT_REFUSAL_REASONS);
+        registry.register(
+            "fleet_broker_connects_refused",
+            "CONNECTs with good credentials refused for their client id or their will, by reason",
+            connects_refused.clone(),
+        );
+        let handshakes_pending = Gauge::default();
+        registry.register(
+            "fleet_broker_handshakes_pending",
+            "Connections accepted that have not sent their CONNECT yet",
+            handshakes_pending.clone(),
         );
         let received = Family::<TopicLabels, Counter>::default();
         registry.register(
@@ -149,7 +214,10 @@ impl BrokerMetrics {
             delivered,
             dropped,
             retained,
-            retained_topics: Mutex::new(HashSet::new()),
+            connections_refused,
+            connects_refused,
+            subscriptions_refused,
+            handshakes_pending,
             templates: Mutex::new(HashSet::new()),
         }
     }
@@ -171,6 +239,11 @@ impl BrokerMetrics {
         if let Some(rest) = topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) {
             let mut levels: Vec<&str> = rest.split('/').collect();
             match levels.as_slice() {
+                // `_gateway/<instance>/<robot>/result`
+                ["_gateway", _, _, ..] => {
+                    levels[1] = "+";
+                    levels[2] = "+";
+                }
                 ["_gateway", _, ..] => levels[1] = "+",
                 [robot, ..] if *robot != "all" => levels[0] = "+",
                 _ => {}
@@ -191,25 +264,12 @@ impl BrokerMetrics {
         "other".to_owned()
     }
 
-    pub fn record_received(&self, topic: &str, retain: bool, empty: bool) {
+    pub fn record_received(&self, topic: &str) {
         self.received
             .get_or_create(&TopicLabels {
                 topic: self.template(topic),
             })
             .inc();
-        if retain {
-            let mut retained = self
-                .retained_topics
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if empty {
-                retained.remove(topic);
-            } else {
-                retained.insert(topic.to_owned());
-            }
-            self.retained
-                .set(i64::try_from(retained.len()).unwrap_or(i64::MAX));
-        }
     }
 
     pub fn record_delivered(&self, topic: &str) {
@@ -221,27 +281,15 @@ impl BrokerMetrics {
     }
 
     pub fn record_disconnect(&self, reason: &str) {
-        self.disconnects
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
+        inc(&self.disconnects, reason);
     }
 
     pub fn record_dropped(&self, reason: &str) {
-        self.dropped
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
+        inc(&self.dropped, reason);
     }
 
     pub fn record_auth_failure(&self, reason: &str) {
-        self.auth_failures
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
+        inc(&self.auth_failures, reason);
     }
 
     pub fn record_acl_denial(&self, action: &str) {
@@ -253,11 +301,19 @@ impl BrokerMetrics {
     }
 
     pub fn record_refused(&self, reason: &str) {
-        self.publishes_refused
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
+        inc(&self.publishes_refused, reason);
+    }
+
+    pub fn record_connection_refused(&self, reason: &str) {
+        inc(&self.connections_refused, reason);
+    }
+
+    pub fn record_connect_refused(&self, reason: &str) {
+        inc(&self.connects_refused, reason);
+    }
+
+    pub fn record_subscription_refused(&self, reason: &str) {
+        inc(&self.subscriptions_refused, reason);
     }
 
     /// Refused publishes with `reason`, for tests.
@@ -276,6 +332,14 @@ impl BrokerMetrics {
     }
 }
 
+fn inc(family: &Family<ReasonLabels, Counter>, reason: &str) {
+    family
+        .get_or_create(&ReasonLabels {
+            reason: reason.to_owned(),
+        })
+        .inc();
+}
+
 /// `fleet_broker_handshake_failures_total`, read at scrape time from the process-wide
 /// counts of `fleet_runtime::handshake_failures` (rmqtt has no hook before a CONNECT, so
 /// they come from its log lines; every fleet binary installs that layer at start-up).
@@ -289,13 +353,15 @@ impl Collector for HandshakeFailureCollector {
             "fleet_broker_handshake_failures",
             "Connections closed before their session started, by reason (not_mqtt: the first \
              bytes were not an MQTT CONNECT; bad_connect: a CONNECT refused for another reason \
-             than the login, which fleet_broker_auth_failures_total counts)",
+             than the login, which fleet_broker_auth_failures_total counts; timeout: no whole \
+             CONNECT within the handshake timeout)",
             None,
             MetricType::Counter,
         )?;
         for (reason, count) in [
             ("not_mqtt", counts.not_mqtt),
             ("bad_connect", counts.bad_connect),
+            ("timeout", counts.timeout),
         ] {
             let labels = ReasonLabels {
                 reason: reason.to_owned(),
@@ -319,8 +385,8 @@ mod tests {
         );
         assert_eq!(metrics.template("fleet/all/cmd/stop"), "fleet/all/cmd/stop");
         assert_eq!(
-            metrics.template("fleet/_gateway/gw-7/result"),
-            "fleet/_gateway/+/result"
+            metrics.template("fleet/_gateway/gw-7/linus/result"),
+            "fleet/_gateway/+/+/result"
         );
         assert_eq!(
             metrics.template("homeassistant/device/linus/config"),
@@ -328,7 +394,7 @@ mod tests {
         );
         assert_eq!(metrics.template("something/else"), "other");
         for i in 0..10_000 {
-            metrics.record_received(&format!("fleet/robot-{i}/state/x{}", i % 500), false, false);
+            metrics.record_received(&format!("fleet/robot-{i}/state/x{}", i % 500));
         }
         let text = metrics.encode();
         let series = text

@@ -5,12 +5,10 @@
 //! them lose nothing.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_broker::acl::Role;
-use fleet_broker::auth::{Users, hash_password};
 use fleet_broker::{BrokerConfig, RunningBroker};
+use fleet_testkit::raw::{connect, packet, publish, remaining_length, string, subscribe};
 use fleet_testkit::{WAIT, Watcher};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,65 +28,6 @@ async fn open_broker() -> RunningBroker {
     })
     .await
     .unwrap()
-}
-
-// ---- raw packets -------------------------------------------------------------------------
-
-fn remaining_length(mut len: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            return out;
-        }
-    }
-}
-
-fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first_byte];
-    out.extend(remaining_length(body.len()));
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(bytes: &[u8]) -> Vec<u8> {
-    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(bytes);
-    out
-}
-
-/// MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s, optional username and password.
-fn connect(client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
-    let mut flags = 0x02;
-    if login.is_some() {
-        flags |= 0xC0;
-    }
-    let mut body = string(b"MQTT");
-    body.extend([4, flags, 0, 60]);
-    body.extend(string(client_id.as_bytes()));
-    if let Some((user, password)) = login {
-        body.extend(string(user.as_bytes()));
-        body.extend(string(password.as_bytes()));
-    }
-    packet(0x10, &body)
-}
-
-fn publish(topic: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut body = string(topic);
-    body.extend_from_slice(payload);
-    packet(0x30, &body)
-}
-
-fn subscribe(packet_id: u16, filter: &[u8]) -> Vec<u8> {
-    let mut body = packet_id.to_be_bytes().to_vec();
-    body.extend(string(filter));
-    body.push(0);
-    packet(0x82, &body)
 }
 
 /// A raw client that has sent a valid CONNECT and read a successful CONNACK.
@@ -125,23 +64,6 @@ async fn bytes_until_closed(stream: &mut TcpStream, what: &str) -> Vec<u8> {
     received
 }
 
-async fn metrics_text(broker: &RunningBroker) -> String {
-    reqwest::get(format!("http://{}/metrics", broker.http_addr().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-async fn metric(broker: &RunningBroker, series: &str) -> f64 {
-    metrics_text(broker)
-        .await
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The well-behaved clients still talk: a publish from one reaches the other.
 async fn still_serving(publisher: &Watcher, subscriber: &Watcher, tag: &str) {
     let topic = format!("fleet/canary/{tag}");
@@ -161,8 +83,8 @@ async fn garbage_instead_of_a_connect_is_closed() {
     let broker = open_broker().await;
     let not_mqtt = r#"fleet_broker_handshake_failures_total{reason="not_mqtt"}"#;
     let bad_connect = r#"fleet_broker_handshake_failures_total{reason="bad_connect"}"#;
-    let not_mqtt_before = metric(&broker, not_mqtt).await;
-    let bad_connect_before = metric(&broker, bad_connect).await;
+    let not_mqtt_before = fleet_testkit::metric(broker.http_addr().unwrap(), not_mqtt).await;
+    let bad_connect_before = fleet_testkit::metric(broker.http_addr().unwrap(), bad_connect).await;
     let subscriber = Watcher::v311(broker.mqtt_addr(), "canary-sub", "fleet/#").await;
     let publisher = Watcher::v5(broker.mqtt_addr(), "canary-pub", "nothing/#").await;
 
@@ -225,8 +147,11 @@ async fn garbage_instead_of_a_connect_is_closed() {
     // are per process; other tests here may add to them, never take away.)
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let not_mqtt_seen = metric(&broker, not_mqtt).await - not_mqtt_before;
-        let bad_connect_seen = metric(&broker, bad_connect).await - bad_connect_before;
+        let not_mqtt_seen =
+            fleet_testkit::metric(broker.http_addr().unwrap(), not_mqtt).await - not_mqtt_before;
+        let bad_connect_seen = fleet_testkit::metric(broker.http_addr().unwrap(), bad_connect)
+            .await
+            - bad_connect_before;
         if not_mqtt_seen >= 7.0 && bad_connect_seen >= 1.0 {
             break;
         }
@@ -283,8 +208,8 @@ async fn broken_packets_after_connect_close_only_that_client() {
     // Each offender was counted, as a protocol error.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let counted = metric(
-            &broker,
+        let counted = fleet_testkit::metric(
+            broker.http_addr().unwrap(),
             "fleet_broker_disconnects_total{reason=\"protocol_error\"}",
         )
         .await;
@@ -292,7 +217,7 @@ async fn broken_packets_after_connect_close_only_that_client() {
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            let text = metrics_text(&broker).await;
+            let text = fleet_testkit::metrics_text(broker.http_addr().unwrap()).await;
             let disconnects: Vec<&str> = text
                 .lines()
                 .filter(|l| l.starts_with("fleet_broker_disconnects"))
@@ -336,26 +261,14 @@ async fn invalid_subscription_filters_are_refused() {
 
 #[tokio::test]
 async fn a_flood_of_connects_leaves_the_others_alone() {
-    let users = ["linus:robot", "gateway:controller"]
-        .iter()
-        .map(|entry| {
-            let (name, role) = entry.split_once(':').unwrap();
-            let hash = hash_password(&format!("{name}-pw")).unwrap();
-            format!(
-                "[[user]]\nusername = \"{name}\"\npassword_hash = \"{hash}\"\nrole = \"{role}\"\n"
-            )
-        })
-        .collect::<String>();
-    let broker = fleet_broker::start(BrokerConfig {
-        mqtt_addr: loopback(),
-        http_addr: Some(loopback()),
-        users: Some(Arc::new(Users::parse(&users).unwrap())),
-        allow_anonymous: false,
-        anonymous_role: Role::Reader,
-        ..BrokerConfig::default()
-    })
-    .await
-    .unwrap();
+    let broker = fleet_testkit::start_secured_broker(
+        &[("linus", "robot"), ("gateway", "controller")],
+        BrokerConfig {
+            max_packet_size: MAX_PACKET,
+            ..BrokerConfig::default()
+        },
+    )
+    .await;
     let addr = broker.mqtt_addr();
 
     // A robot and a controller log in properly and keep a command stream going.
@@ -456,19 +369,30 @@ async fn a_flood_of_connects_leaves_the_others_alone() {
     drop(silent);
 
     assert_eq!(
-        metric(
-            &broker,
+        fleet_testkit::metric(
+            broker.http_addr().unwrap(),
             "fleet_broker_auth_failures_total{reason=\"anonymous\"}"
         )
         .await,
         ANONYMOUS as f64
     );
-    assert_eq!(
-        metric(
-            &broker,
-            "fleet_broker_auth_failures_total{reason=\"bad_credentials\"}"
+    // All from one address: a few are checked, the rest refused unchecked (two checks in
+    // flight per address, then the address backs off).
+    let mut refusals = 0.0;
+    for reason in ["bad_credentials", "throttled", "busy"] {
+        refusals += fleet_testkit::metric(
+            broker.http_addr().unwrap(),
+            &format!("fleet_broker_auth_failures_total{{reason=\"{reason}\"}}"),
         )
-        .await,
-        WRONG_PASSWORDS as f64
+        .await;
+    }
+    assert_eq!(refusals, WRONG_PASSWORDS as f64);
+    assert!(
+        fleet_testkit::metric(
+            broker.http_addr().unwrap(),
+            "fleet_broker_auth_failures_total{reason=\"throttled\"}"
+        )
+        .await
+            > 0.0
     );
 }

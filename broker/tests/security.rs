@@ -2,11 +2,8 @@
 //! and the metrics endpoint that counts what was refused.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_broker::acl::Role;
-use fleet_broker::auth::{Users, hash_password};
 use fleet_broker::{BrokerConfig, RunningBroker};
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode as V5Code, Packet as V5Packet, PubAckReason, SubscribeReasonCode as V5Sub,
@@ -17,29 +14,16 @@ use tokio::time::timeout;
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn secured_broker() -> RunningBroker {
-    let users = [
-        "linus:robot",
-        "torvalds:robot",
-        "gateway:controller",
-        "grafana:reader",
-    ]
-    .iter()
-    .map(|entry| {
-        let (name, role) = entry.split_once(':').unwrap();
-        let hash = hash_password(&format!("{name}-pw")).unwrap();
-        format!("[[user]]\nusername = \"{name}\"\npassword_hash = \"{hash}\"\nrole = \"{role}\"\n")
-    })
-    .collect::<String>();
-    fleet_broker::start(BrokerConfig {
-        mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        users: Some(Arc::new(Users::parse(&users).unwrap())),
-        allow_anonymous: false,
-        anonymous_role: Role::Reader,
-        ..BrokerConfig::default()
-    })
+    fleet_testkit::start_secured_broker(
+        &[
+            ("linus", "robot"),
+            ("torvalds", "robot"),
+            ("gateway", "controller"),
+            ("grafana", "reader"),
+        ],
+        BrokerConfig::default(),
+    )
     .await
-    .unwrap()
 }
 
 /// The first CONNACK outcome of an MQTT 3.1.1 client.
@@ -72,8 +56,12 @@ async fn v5_client(
     v5::AsyncClient,
     tokio::sync::mpsc::UnboundedReceiver<V5Packet>,
 ) {
-    let mut options =
-        v5::MqttOptions::new(format!("{user}-client"), addr.ip().to_string(), addr.port());
+    // A robot's username is its robot id, and it connects as `robot-<id>`.
+    let client_id = match user {
+        "linus" | "torvalds" => format!("robot-{user}"),
+        _ => format!("{user}-client"),
+    };
+    let mut options = v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
     options.set_credentials(user, format!("{user}-pw"));
     let (client, mut eventloop) = v5::AsyncClient::new(options, 100);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -139,7 +127,7 @@ async fn wrong_or_missing_credentials_get_the_proper_connack() {
         Err(ConnectReturnCode::BadUserNamePassword)
     );
     assert_eq!(
-        v311_connect(addr, "good", Some(("linus", "linus-pw"))).await,
+        v311_connect(addr, "robot-linus", Some(("linus", "linus-pw"))).await,
         Ok(())
     );
 
@@ -230,7 +218,7 @@ async fn a_robot_can_neither_read_nor_command_another_robot() {
 
     // MQTT 3.1.1: a refused subscription is SUBACK 0x80.
     let mut options =
-        rumqttc::MqttOptions::new("torvalds-v311", addr.ip().to_string(), addr.port());
+        rumqttc::MqttOptions::new("robot-torvalds", addr.ip().to_string(), addr.port());
     options.set_credentials("torvalds", "torvalds-pw");
     let (torvalds, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
     torvalds

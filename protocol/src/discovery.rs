@@ -72,6 +72,26 @@ pub struct Capabilities {
     pub servos: usize,
 }
 
+/// A robot's Home Assistant object id: `<topic prefix>_<robot>`, with characters Home
+/// Assistant does not allow in object ids replaced by `_`, so two fleets with different
+/// topic prefixes do not collide. The broker's ACL lets a robot publish discovery under
+/// this id only.
+pub fn object_id(topics: &Topics, robot: &str) -> String {
+    let prefix: String = topics
+        .prefix()
+        .as_str()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}_{robot}")
+}
+
 /// One robot's discovery document and where it goes.
 #[derive(Debug, Clone)]
 pub struct DiscoveryDevice<'a> {
@@ -86,24 +106,9 @@ pub struct DiscoveryDevice<'a> {
 }
 
 impl DiscoveryDevice<'_> {
-    /// Identifies the device and prefixes every `unique_id`: `<topic prefix>_<robot>`, with
-    /// characters Home Assistant does not allow in object ids replaced by `_`, so two
-    /// fleets with different topic prefixes do not collide.
+    /// Identifies the device and prefixes every `unique_id`: see [`object_id`].
     pub fn object_id(&self) -> String {
-        let prefix: String = self
-            .topics
-            .prefix()
-            .as_str()
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        format!("{prefix}_{}", self.robot)
+        object_id(self.topics, self.robot.as_str())
     }
 
     /// `<discovery prefix>/device/<object id>/config` (retained).

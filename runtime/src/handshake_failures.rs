@@ -21,16 +21,18 @@ const LISTENER_TARGET: &str = "rmqtt::server";
 
 static NOT_MQTT: AtomicU64 = AtomicU64::new(0);
 static BAD_CONNECT: AtomicU64 = AtomicU64::new(0);
+static TIMEOUT: AtomicU64 = AtomicU64::new(0);
 
 /// Why connections were closed before their session started, since the process began.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HandshakeFailures {
     /// The first bytes were not an MQTT CONNECT (or there were none).
     pub not_mqtt: u64,
-    /// A CONNECT the broker refused for a reason other than the login (malformed, a
-    /// handshake timeout, an overloaded broker). Refused logins are counted by the
-    /// broker's own authentication.
+    /// A CONNECT the broker refused for a reason other than the login (malformed, an
+    /// overloaded broker). Refused logins are counted by the broker's own authentication.
     pub bad_connect: u64,
+    /// No (whole) CONNECT within the handshake timeout: an idle or half-open connection.
+    pub timeout: u64,
 }
 
 /// The counts so far.
@@ -38,12 +40,17 @@ pub fn counts() -> HandshakeFailures {
     HandshakeFailures {
         not_mqtt: NOT_MQTT.load(Ordering::Relaxed),
         bad_connect: BAD_CONNECT.load(Ordering::Relaxed),
+        timeout: TIMEOUT.load(Ordering::Relaxed),
     }
 }
 
 /// What a line of rmqtt's listener says about a connection, if it is a refusal we count.
 fn classify(message: &str) -> Option<&'static AtomicU64> {
-    if message.starts_with("MQTT version detection failed") {
+    let listener_line = message.starts_with("MQTT version detection failed")
+        || message.contains("processing error:");
+    if listener_line && message.to_ascii_lowercase().contains("timeout") {
+        Some(&TIMEOUT)
+    } else if message.starts_with("MQTT version detection failed") {
         Some(&NOT_MQTT)
     } else if message.contains("processing error:") && !message.contains("Authentication failed") {
         Some(&BAD_CONNECT)
@@ -103,8 +110,15 @@ mod tests {
         assert!(bad_connect(
             "MQTTv3 processing error: Connect frame's reserved flag is set, from: 127.0.0.1:1"
         ));
-        assert!(bad_connect(
+        let timeout = |m: &str| classify(m).is_some_and(|c| std::ptr::eq(c, &TIMEOUT));
+        assert!(timeout(
             "MQTTv5 processing error: handshake timeout, from: 127.0.0.1:1"
+        ));
+        assert!(timeout(
+            "MQTT version detection failed: handshake timeout: no CONNECT within 10s, from: 127.0.0.1:1"
+        ));
+        assert!(timeout(
+            "MQTTv3 processing error: Read timeout, from: 127.0.0.1:1"
         ));
         assert!(
             classify("MQTTv3 processing error: Authentication failed, from: 127.0.0.1:1").is_none()

@@ -2,6 +2,8 @@
 //! 5) that record every message they receive so a test can wait for what it expects.
 //! Panicking is how a test helper reports failure, so `expect` is fine here.
 
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +21,32 @@ pub async fn start_broker() -> RunningBroker {
     fleet_broker::start(BrokerConfig {
         mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..BrokerConfig::default()
+    })
+    .await
+    .expect("the broker starts on port 0")
+}
+
+/// Starts the real broker on free loopback ports (MQTT and metrics) with logins on and
+/// no anonymous access, for `users`: (username, role) pairs whose password is
+/// `<username>-pw`. The rest of the settings come from `config`.
+pub async fn start_secured_broker(users: &[(&str, &str)], config: BrokerConfig) -> RunningBroker {
+    let file: String = users
+        .iter()
+        .map(|(name, role)| {
+            let hash = fleet_broker::auth::hash_password(&format!("{name}-pw")).expect("hashed");
+            format!(
+                "[[user]]\nusername = \"{name}\"\npassword_hash = \"{hash}\"\nrole = \"{role}\"\n"
+            )
+        })
+        .collect();
+    let users = fleet_broker::auth::Users::parse(&file).expect("a valid users file");
+    fleet_broker::start(BrokerConfig {
+        mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        users: Some(Arc::new(users)),
+        allow_anonymous: false,
+        anonymous_role: fleet_broker::acl::Role::Reader,
+        ..config
     })
     .await
     .expect("the broker starts on port 0")
@@ -480,4 +508,36 @@ impl OtlpReceiver {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// The `/metrics` text of a process serving Prometheus on `http`.
+pub async fn metrics_text(http: SocketAddr) -> String {
+    reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("metrics scraped")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The value of one series (`name{labels}` exactly as exported), 0 when absent.
+pub async fn metric(http: SocketAddr, series: &str) -> f64 {
+    metrics_text(http)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// This process's resident memory in MiB (Linux), for tests that bound what a flood costs.
+pub fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }

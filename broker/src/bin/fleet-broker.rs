@@ -5,11 +5,16 @@ use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleet_broker::acl::{AclTopics, Role};
 use fleet_broker::auth::{Users, hash_password};
+use fleet_broker::gate::ConnectionLimits;
+use fleet_broker::limits::TopicLimits;
+use fleet_broker::logins::LoginLimits;
+use fleet_broker::retained::RetainedQuota;
 use fleet_broker::{BrokerConfig, TlsListener};
 use fleet_runtime::TopicArgs;
 
@@ -67,9 +72,44 @@ struct Args {
     /// Largest MQTT packet accepted, in bytes
     #[arg(long, env = "FLEET_MAX_PACKET_SIZE", default_value_t = 1024 * 1024)]
     max_packet_size: u32,
-    /// Most clients connected at once per listener
+    /// Connections open at once over every listener (never more than the process's file
+    /// descriptor limit allows); beyond it new connections are closed at once
     #[arg(long, env = "FLEET_MAX_CONNECTIONS", default_value_t = 100_000)]
     max_connections: usize,
+    /// Connections from one address that may wait for their CONNECT at once
+    #[arg(long, env = "FLEET_MAX_PENDING_PER_ADDRESS", default_value_t = 500)]
+    max_pending_per_address: usize,
+    /// Seconds a new connection has to send its CONNECT (the first bytes, then the rest)
+    #[arg(long, env = "FLEET_HANDSHAKE_TIMEOUT_S", default_value_t = 10)]
+    handshake_timeout_s: u64,
+    /// Web pages (Origin, e.g. https://ops.example.com) that may use MQTT over websockets,
+    /// comma-separated; "*" for any. Clients that send no Origin are not affected
+    #[arg(long, env = "FLEET_WS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    ws_allowed_origins: Vec<String>,
+    /// Most levels in a topic name or filter (a/b/c has 3)
+    #[arg(long, env = "FLEET_MAX_TOPIC_LEVELS", default_value_t = 32)]
+    max_topic_levels: usize,
+    /// Longest topic name or filter, in bytes
+    #[arg(long, env = "FLEET_MAX_TOPIC_LENGTH", default_value_t = 1024)]
+    max_topic_length: usize,
+    /// Retained messages one user may hold (admins: no limit but --max-retained)
+    #[arg(long, env = "FLEET_MAX_RETAINED_PER_USER", default_value_t = 64)]
+    max_retained_per_user: usize,
+    /// Retained payload bytes one user may hold
+    #[arg(long, env = "FLEET_MAX_RETAINED_BYTES_PER_USER", default_value_t = 1024 * 1024)]
+    max_retained_bytes_per_user: usize,
+    /// Retained messages in the whole broker
+    #[arg(long, env = "FLEET_MAX_RETAINED", default_value_t = 200_000)]
+    max_retained: usize,
+    /// Threads checking passwords (argon2, 19 MiB each while busy); default: one per core, at most 4
+    #[arg(long, env = "FLEET_LOGIN_THREADS")]
+    login_threads: Option<usize>,
+    /// Password checks that may wait for a thread; beyond it CONNECT gets "server busy"
+    #[arg(long, env = "FLEET_LOGIN_QUEUE", default_value_t = 32)]
+    login_queue: usize,
+    /// Failed logins from one address before it must wait (1 s, doubling up to 60 s)
+    #[arg(long, env = "FLEET_LOGIN_FAILURES_BEFORE_BACKOFF", default_value_t = 5)]
+    login_failures_before_backoff: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(users) = &users {
         tracing::info!(users = users.len(), "authentication on");
     }
+    let defaults = LoginLimits::default();
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
         ws_addr: address_or_off("--ws-addr", &args.ws_addr)?,
@@ -122,7 +163,27 @@ async fn main() -> anyhow::Result<()> {
         max_inflight: args.max_inflight,
         max_queue_len: args.max_queue_len,
         max_packet_size: args.max_packet_size,
-        max_connections: args.max_connections,
+        connections: ConnectionLimits {
+            max_connections: args.max_connections,
+            max_pending_per_address: args.max_pending_per_address,
+            ws_allowed_origins: args.ws_allowed_origins,
+        },
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_s.max(1)),
+        topic_limits: TopicLimits {
+            max_levels: args.max_topic_levels.max(1),
+            max_bytes: args.max_topic_length.max(1),
+        },
+        retained: RetainedQuota {
+            messages_per_user: args.max_retained_per_user,
+            bytes_per_user: args.max_retained_bytes_per_user,
+            messages_total: args.max_retained,
+        },
+        logins: LoginLimits {
+            workers: args.login_threads.unwrap_or(defaults.workers).max(1),
+            queue: args.login_queue,
+            failures_before_backoff: args.login_failures_before_backoff,
+            ..defaults
+        },
     })
     .await?;
     fleet_runtime::shutdown_signal().await;

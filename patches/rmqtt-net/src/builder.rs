@@ -172,6 +172,9 @@ pub struct Builder {
 
     /// QUIC(max_idle_timeout)
     pub idle_timeout: Duration,
+
+    /// Fleet patch: asked on every accepted connection and websocket upgrade.
+    pub gate: Option<crate::Gate>,
 }
 
 impl Default for Builder {
@@ -242,6 +245,8 @@ impl Builder {
             collect_cert_info: false,
 
             idle_timeout: Duration::from_secs(90),
+
+            gate: None,
         }
     }
 
@@ -483,6 +488,12 @@ impl Builder {
         self
     }
 
+    /// Fleet patch: the gate asked about every accepted connection and websocket upgrade
+    pub fn gate(mut self, gate: std::sync::Arc<dyn crate::ConnectionGate>) -> Self {
+        self.gate = Some(crate::Gate(gate));
+        self
+    }
+
     /// Sets idle timeout (QUIC)
     pub fn idle_timeout(mut self, idle_timeout: Duration) -> Self {
         self.idle_timeout = idle_timeout;
@@ -719,7 +730,19 @@ impl Listener {
     }
 
     async fn accept_tcp(&self, tcp_listener: &TcpListener) -> Result<Acceptor<TcpStream>> {
-        let (mut socket, mut remote_addr) = tcp_listener.accept().await?;
+        // Fleet patch: the gate may refuse a connection at once. A refused one is closed
+        // here and the next one taken without returning an error, because the server's
+        // accept loop sleeps a second after an error.
+        let (mut socket, mut remote_addr, ticket) = loop {
+            let (socket, remote_addr) = tcp_listener.accept().await?;
+            match &self.cfg.gate {
+                None => break (socket, remote_addr, None),
+                Some(gate) => match gate.0.admit(remote_addr) {
+                    Some(ticket) => break (socket, remote_addr, Some(ticket)),
+                    None => drop(socket),
+                },
+            }
+        };
         if let Err(e) = socket.set_nodelay(self.cfg.nodelay) {
             return Err(Error::from(e));
         }
@@ -768,6 +791,7 @@ impl Listener {
             acceptor: self.tls_acceptor.clone(),
             cfg: self.cfg.clone(),
             typ: self.typ,
+            ticket,
         })
     }
 
@@ -789,6 +813,7 @@ impl Listener {
                 acceptor: self.tls_acceptor.clone(),
                 cfg: self.cfg.clone(),
                 typ: self.typ,
+                ticket: None,
             })
         } else {
             Err(anyhow!(
@@ -826,6 +851,8 @@ pub struct Acceptor<S> {
     pub cfg: Arc<Builder>,
     /// Active protocol type
     pub typ: ListenerType,
+    /// Fleet patch: what the gate gave this connection
+    pub(crate) ticket: Option<crate::Ticket>,
 }
 
 impl<S> Acceptor<S>
@@ -836,7 +863,7 @@ where
     #[inline]
     pub fn tcp(self) -> Result<Dispatcher<S>> {
         if matches!(self.typ, ListenerType::TCP) {
-            Ok(Dispatcher::new(self.socket, self.remote_addr, None, self.cfg))
+            Ok(Dispatcher::new(self.socket, self.remote_addr, None, self.cfg, self.ticket))
         } else {
             Err(anyhow!("Protocol mismatch: Expected TCP listener"))
         }
@@ -865,7 +892,7 @@ where
             self.cfg.collect_cert_info,
         );
 
-        Ok(Dispatcher::new(tls_s, self.remote_addr, cert_info, self.cfg))
+        Ok(Dispatcher::new(tls_s, self.remote_addr, cert_info, self.cfg, self.ticket))
     }
 
     #[cfg(feature = "ws")]
@@ -876,11 +903,11 @@ where
             return Err(anyhow!("Protocol mismatch: Expected WS listener"));
         }
 
-        match tokio::time::timeout(self.cfg.handshake_timeout, accept_hdr_async(self.socket, on_handshake))
+        match tokio::time::timeout(self.cfg.handshake_timeout, accept_hdr_async(self.socket, gated_handshake(self.cfg.gate.clone(), self.remote_addr)))
             .await
         {
             Ok(Ok(ws_stream)) => {
-                Ok(Dispatcher::new(WsStream::new(ws_stream), self.remote_addr, None, self.cfg.clone()))
+                Ok(Dispatcher::new(WsStream::new(ws_stream), self.remote_addr, None, self.cfg.clone(), self.ticket))
             }
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(crate::MqttError::ReadTimeout.into()),
@@ -911,9 +938,9 @@ where
             self.cfg.collect_cert_info,
         );
 
-        match tokio::time::timeout(self.cfg.handshake_timeout, accept_hdr_async(tls_s, on_handshake)).await {
+        match tokio::time::timeout(self.cfg.handshake_timeout, accept_hdr_async(tls_s, gated_handshake(self.cfg.gate.clone(), self.remote_addr))).await {
             Ok(Ok(ws_stream)) => {
-                Ok(Dispatcher::new(WsStream::new(ws_stream), self.remote_addr, cert_info, self.cfg.clone()))
+                Ok(Dispatcher::new(WsStream::new(ws_stream), self.remote_addr, cert_info, self.cfg.clone(), self.ticket))
             }
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(crate::MqttError::ReadTimeout.into()),
@@ -926,7 +953,7 @@ where
         if !matches!(self.typ, ListenerType::QUIC) {
             return Err(anyhow!("Protocol mismatch: Expected QUIC listener"));
         }
-        Ok(Dispatcher::new(self.socket, self.remote_addr, None, self.cfg))
+        Ok(Dispatcher::new(self.socket, self.remote_addr, None, self.cfg, self.ticket))
     }
 
     #[inline]
@@ -949,6 +976,26 @@ where
         } else {
             None
         }
+    }
+}
+
+#[cfg(feature = "ws")]
+/// Fleet patch: asks the gate about the upgrade request's `Origin` before the usual checks.
+#[allow(clippy::result_large_err)]
+fn gated_handshake(
+    gate: Option<crate::Gate>,
+    remote_addr: SocketAddr,
+) -> impl FnOnce(&Request, Response) -> std::result::Result<Response, ErrorResponse> {
+    move |req: &Request, response: Response| {
+        if let Some(gate) = gate {
+            let origin = req.headers().get("Origin").map(|v| v.to_str().unwrap_or("\u{fffd}"));
+            if !gate.0.accept_websocket(remote_addr, origin) {
+                let mut refused = ErrorResponse::new(Some("websocket connections from this origin are not allowed".into()));
+                *refused.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::FORBIDDEN;
+                return Err(refused);
+            }
+        }
+        on_handshake(req, response)
     }
 }
 

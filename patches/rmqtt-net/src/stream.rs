@@ -35,6 +35,9 @@ pub struct Dispatcher<Io> {
     pub cfg: Arc<Builder>,
 
     pub cert_info: Option<CertInfo>,
+
+    /// Fleet patch: what the gate gave this connection
+    pub(crate) ticket: Option<crate::Ticket>,
 }
 
 impl<Io> Dispatcher<Io>
@@ -47,20 +50,28 @@ where
         remote_addr: SocketAddr,
         cert_info: Option<CertInfo>,
         cfg: Arc<Builder>,
+        ticket: Option<crate::Ticket>,
     ) -> Self {
-        Dispatcher { io: Framed::new(io, MqttCodec::Version(VersionCodec)), remote_addr, cfg, cert_info }
+        Dispatcher { io: Framed::new(io, MqttCodec::Version(VersionCodec)), remote_addr, cfg, cert_info, ticket }
     }
 
     /// Negotiates protocol version and returns appropriate stream
     #[inline]
     pub async fn mqtt(mut self) -> Result<MqttStream<Io>> {
-        Ok(match self.probe_version().await? {
+        // Fleet patch: the handshake timeout also covers the wait for the first bytes;
+        // without it a connection that never sends anything stays open forever.
+        let version = match tokio::time::timeout(self.cfg.handshake_timeout, self.probe_version()).await {
+            Ok(version) => version?,
+            Err(_) => return Err(anyhow!("handshake timeout: no CONNECT within {:?}", self.cfg.handshake_timeout)),
+        };
+        Ok(match version {
             ProtocolVersion::MQTT3 => MqttStream::V3(v3::MqttStream {
                 io: self.io,
                 remote_addr: self.remote_addr,
                 cfg: self.cfg,
                 #[cfg(feature = "tls")]
                 cert_info: self.cert_info,
+                ticket: self.ticket,
             }),
             ProtocolVersion::MQTT5 => MqttStream::V5(v5::MqttStream {
                 io: self.io,
@@ -68,6 +79,7 @@ where
                 cfg: self.cfg,
                 #[cfg(feature = "tls")]
                 cert_info: self.cert_info,
+                ticket: self.ticket,
             }),
         })
     }
@@ -132,6 +144,8 @@ pub mod v3 {
         #[cfg(feature = "tls")]
         /// TLS certificate information (if available)
         pub cert_info: Option<CertInfo>,
+        /// Fleet patch: what the gate gave this connection (lives as long as it)
+        pub ticket: Option<crate::Ticket>,
     }
 
     /// # Examples
@@ -151,6 +165,7 @@ pub mod v3 {
     ///     remote_addr: addr,
     ///     cfg: Arc::new(Builder::default()),
     ///     cert_info: None,
+    ///     ticket: None,
     /// };
     ///
     /// // Send a PING request
@@ -228,6 +243,14 @@ pub mod v3 {
             return_code: ConnectAckReason,
             session_present: bool,
         ) -> Result<()> {
+            // Fleet patch: the gate may name the precise reason for a refusal that rmqtt
+            // only knows as "not authorized".
+            let return_code = match &self.cfg.gate {
+                Some(gate) if return_code != ConnectAckReason::ConnectionAccepted => {
+                    gate.0.refusal_v3(self.remote_addr, return_code)
+                }
+                _ => return_code,
+            };
             self.send(PacketV3::ConnectAck(rmqtt_codec::v3::ConnectAck { session_present, return_code }))
                 .await
         }
@@ -297,6 +320,9 @@ pub mod v3 {
                             connect.cert = self.cert_info.clone();
                         }
                     }
+                    if let Some(ticket) = self.ticket.as_mut() {
+                        ticket.connect_received();
+                    }
                     connect
                 }
                 Err(e) => {
@@ -359,6 +385,8 @@ pub mod v5 {
         #[cfg(feature = "tls")]
         /// TLS certificate information (if available)
         pub cert_info: Option<CertInfo>,
+        /// Fleet patch: what the gate gave this connection (lives as long as it)
+        pub ticket: Option<crate::Ticket>,
     }
 
     /// # Examples
@@ -449,7 +477,14 @@ pub mod v5 {
 
         /// Responds to connection request
         #[inline]
-        pub async fn send_connect_ack(&mut self, ack: rmqtt_codec::v5::ConnectAck) -> Result<()> {
+        pub async fn send_connect_ack(&mut self, mut ack: rmqtt_codec::v5::ConnectAck) -> Result<()> {
+            // Fleet patch: the gate may name the precise reason for a refusal that rmqtt
+            // only knows as "not authorized".
+            if let Some(gate) = &self.cfg.gate {
+                if ack.reason_code != rmqtt_codec::v5::ConnectAckReason::Success {
+                    ack.reason_code = gate.0.refusal_v5(self.remote_addr, ack.reason_code);
+                }
+            }
             self.send(PacketV5::ConnectAck(Box::new(ack))).await
         }
 
@@ -523,6 +558,9 @@ pub mod v5 {
                         if self.cfg.collect_cert_info {
                             connect.cert = self.cert_info.clone();
                         }
+                    }
+                    if let Some(ticket) = self.ticket.as_mut() {
+                        ticket.connect_received();
                     }
                     connect
                 }

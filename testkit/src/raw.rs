@@ -1,0 +1,183 @@
+//! MQTT packets written byte by byte, for tests that must send what a well-behaved
+//! client library never would (hostile wills, huge topics, half a CONNECT), and a reader
+//! for whatever the broker answers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::WAIT;
+
+/// MQTT's variable-length "remaining length".
+pub fn remaining_length(mut len: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            return out;
+        }
+    }
+}
+
+/// A whole packet: first byte, remaining length, body.
+pub fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    out.extend(remaining_length(body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+/// A length-prefixed string or binary field.
+pub fn string(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// A last will: topic, payload, retained or not (QoS 1).
+#[derive(Debug, Clone)]
+pub struct Will<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub retain: bool,
+}
+
+/// A CONNECT (clean session, keep-alive 60 s), MQTT 3.1.1 or 5.
+#[derive(Debug, Clone, Default)]
+pub struct Connect<'a> {
+    pub v5: bool,
+    pub client_id: &'a str,
+    pub login: Option<(&'a str, &'a str)>,
+    pub will: Option<Will<'a>>,
+}
+
+impl Connect<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut flags = 0x02;
+        if self.login.is_some() {
+            flags |= 0xC0;
+        }
+        if let Some(will) = &self.will {
+            flags |= 0x04 | (1 << 3) | if will.retain { 0x20 } else { 0 };
+        }
+        let mut body = string(b"MQTT");
+        body.extend([if self.v5 { 5 } else { 4 }, flags, 0, 60]);
+        if self.v5 {
+            body.push(0); // no properties
+        }
+        body.extend(string(self.client_id.as_bytes()));
+        if let Some(will) = &self.will {
+            if self.v5 {
+                body.push(0); // no will properties
+            }
+            body.extend(string(will.topic.as_bytes()));
+            body.extend(string(will.payload));
+        }
+        if let Some((user, password)) = self.login {
+            body.extend(string(user.as_bytes()));
+            body.extend(string(password.as_bytes()));
+        }
+        packet(0x10, &body)
+    }
+}
+
+/// An MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s, optional username and password.
+pub fn connect(client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+    Connect {
+        client_id,
+        login,
+        ..Connect::default()
+    }
+    .encode()
+}
+
+/// A QoS 0 PUBLISH (MQTT 3.1.1).
+pub fn publish(topic: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = string(topic);
+    body.extend_from_slice(payload);
+    packet(0x30, &body)
+}
+
+/// A QoS 1 PUBLISH with packet id 1, retained or not; `v5` adds the empty property list.
+pub fn publish_qos1(topic: &[u8], payload: &[u8], retain: bool, v5: bool) -> Vec<u8> {
+    let mut body = string(topic);
+    body.extend([0, 1]);
+    if v5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x32 | u8::from(retain), &body)
+}
+
+/// A SUBSCRIBE for one filter at QoS 0 (MQTT 3.1.1).
+pub fn subscribe(packet_id: u16, filter: &[u8]) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.extend(string(filter));
+    body.push(0);
+    packet(0x82, &body)
+}
+
+/// One packet from the broker: its first byte and body, or `None` when the connection
+/// closed (or nothing came within `within`).
+pub async fn read_packet(stream: &mut TcpStream, within: Duration) -> Option<(u8, Vec<u8>)> {
+    tokio::time::timeout(within, async {
+        let first = stream.read_u8().await.ok()?;
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let byte = stream.read_u8().await.ok()?;
+            len |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 21 {
+                return None;
+            }
+        }
+        let mut body = vec![0; len];
+        stream.read_exact(&mut body).await.ok()?;
+        Some((first, body))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Sends `connect` on a new connection and returns it with the CONNACK's return code
+/// (3.1.1) or reason code (5): 0 is success.
+pub async fn connect_with(addr: SocketAddr, connect: &Connect<'_>) -> (TcpStream, u8) {
+    let mut stream = TcpStream::connect(addr).await.expect("TCP connect");
+    stream
+        .write_all(&connect.encode())
+        .await
+        .expect("CONNECT sent");
+    let (first, body) = read_packet(&mut stream, WAIT)
+        .await
+        .expect("a CONNACK in time");
+    assert_eq!(first, 0x20, "CONNACK expected, got {first:#x}");
+    let code = *body.get(1).expect("a CONNACK code");
+    (stream, code)
+}
+
+/// Whether the broker closes `stream` within `within` (reading and dropping whatever it
+/// sends until then).
+pub async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}

@@ -331,13 +331,56 @@ impl CommandEnvelope {
 
     /// Parses a payload published to `.../cmd/<kind>`: JSON when it starts with `{`,
     /// otherwise the plain-text form.
+    ///
+    /// Strict for every kind, `stop` included: a stop payload with a problem is an
+    /// error here, and the error is the problem [`CommandEnvelope::parse_stop`] reports
+    /// (`parse(Stop, p)` is `Ok(e)` exactly when `parse_stop(p)` is `(e, None)`). Use
+    /// `parse` to check a payload; use `parse_stop` to carry a stop out.
     pub fn parse(kind: CommandKind, payload: &[u8]) -> Result<Self, CommandError> {
+        if kind == CommandKind::Stop {
+            return match Self::parse_stop(payload) {
+                (envelope, None) => Ok(envelope),
+                (_, Some(problem)) => Err(problem),
+            };
+        }
         let text = payload_text(payload)?;
         if text.starts_with('{') {
             parse_json(kind, text)
         } else {
             parse_text(kind, text).map(CommandEnvelope::new)
         }
+    }
+
+    /// Parses a stop payload leniently: an e-stop is never refused for its payload.
+    ///
+    /// Always returns a [`Command::Stop`] envelope, whatever the bytes: empty, text, bad
+    /// JSON, unknown fields, wrong types, oversized, not UTF-8. From a JSON object it
+    /// keeps the `id`, `traceparent`, `tracestate` and `deadline_ms` that are valid and
+    /// leaves out the ones that are not. The second value is the first problem found
+    /// (an unknown field, then `id`, `traceparent`, `tracestate`, `deadline_ms`, as for
+    /// every JSON command), so that the sender can be told in the result's `warning`;
+    /// `None` for a clean payload. Plain text is the text form
+    /// of `stop` and is ignored without a problem (`mosquitto_pub -m now`). A payload
+    /// over [`MAX_COMMAND_PAYLOAD`] or not UTF-8 is not read at all.
+    ///
+    /// `deadline_ms` is kept but not judged here: a stop that arrives late is still
+    /// safe to carry out, so the caller carries it out and may warn `expired`.
+    pub fn parse_stop(payload: &[u8]) -> (Self, Option<CommandError>) {
+        let mut envelope = Self::new(Command::Stop);
+        let doc = match payload_text(payload) {
+            Ok(text) if text.starts_with('{') => match json_object(text) {
+                Ok(doc) => doc,
+                Err(problem) => return (envelope, Some(problem)),
+            },
+            Ok(_) => return (envelope, None),
+            Err(problem) => return (envelope, Some(problem)),
+        };
+        let mut problem = unknown_field(&doc, CommandKind::Stop, &[], ENVELOPE_EXPECTED);
+        envelope.id = usable(envelope_id(&doc), &mut problem);
+        envelope.traceparent = usable(envelope_traceparent(&doc), &mut problem);
+        envelope.tracestate = usable(envelope_tracestate(&doc), &mut problem).map(str::to_owned);
+        envelope.deadline_ms = usable(envelope_deadline(&doc), &mut problem);
+        (envelope, problem)
     }
 
     /// Parses a payload published to `.../cmd/<address>`: a whole command as `parse`
@@ -368,20 +411,14 @@ impl CommandEnvelope {
             };
             return channel.command(value).map(CommandEnvelope::new);
         }
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| CommandError::InvalidJson(e.to_string()))?;
-        let Value::Object(doc) = value else {
-            return Err(CommandError::NotAnObject);
-        };
-        if let Some(unknown) = doc
-            .keys()
-            .find(|k| k.as_str() != "value" && !ENVELOPE_FIELDS.contains(&k.as_str()))
-        {
-            return Err(CommandError::UnknownField {
-                command: channel.kind(),
-                field: unknown.clone(),
-                expected: "value, id, traceparent, tracestate, deadline_ms",
-            });
+        let doc = json_object(text)?;
+        if let Some(unknown) = unknown_field(
+            &doc,
+            channel.kind(),
+            &["value"],
+            "value, id, traceparent, tracestate, deadline_ms",
+        ) {
+            return Err(unknown);
         }
         let value =
             optional_int(&doc, "value")?.ok_or(CommandError::MissingField { field: "value" })?;
@@ -668,13 +705,37 @@ fn check_angle(field: &'static str, value: i64) -> Result<i16, CommandError> {
 // JSON
 
 const ENVELOPE_FIELDS: [&str; 4] = ["id", "traceparent", "tracestate", "deadline_ms"];
+/// What a command without fields of its own (stop, ping, decommission) may carry.
+const ENVELOPE_EXPECTED: &str = "id, traceparent, tracestate, deadline_ms";
 
-fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandError> {
+/// The text as a JSON object.
+fn json_object(text: &str) -> Result<Map<String, Value>, CommandError> {
     let value: Value =
         serde_json::from_str(text).map_err(|e| CommandError::InvalidJson(e.to_string()))?;
-    let Value::Object(doc) = value else {
-        return Err(CommandError::NotAnObject);
-    };
+    match value {
+        Value::Object(doc) => Ok(doc),
+        _ => Err(CommandError::NotAnObject),
+    }
+}
+
+/// The first field that is neither one of `own_fields` nor an envelope field.
+fn unknown_field(
+    doc: &Map<String, Value>,
+    command: CommandKind,
+    own_fields: &[&str],
+    expected: &'static str,
+) -> Option<CommandError> {
+    doc.keys()
+        .find(|k| !own_fields.contains(&k.as_str()) && !ENVELOPE_FIELDS.contains(&k.as_str()))
+        .map(|field| CommandError::UnknownField {
+            command,
+            field: field.clone(),
+            expected,
+        })
+}
+
+fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandError> {
+    let doc = json_object(text)?;
     let (own_fields, expected): (&[&str], &'static str) = match kind {
         CommandKind::Drive => (
             &["direction", "speed", "hold_ms"],
@@ -693,18 +754,11 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
             "servo1, servo2, preset, id, traceparent, tracestate, deadline_ms",
         ),
         CommandKind::Stop | CommandKind::Ping | CommandKind::Decommission => {
-            (&[], "id, traceparent, tracestate, deadline_ms")
+            (&[], ENVELOPE_EXPECTED)
         }
     };
-    if let Some(field) = doc
-        .keys()
-        .find(|k| !own_fields.contains(&k.as_str()) && !ENVELOPE_FIELDS.contains(&k.as_str()))
-    {
-        return Err(CommandError::UnknownField {
-            command: kind,
-            field: field.clone(),
-            expected,
-        });
+    if let Some(unknown) = unknown_field(&doc, kind, own_fields, expected) {
+        return Err(unknown);
     }
 
     let command = match kind {
@@ -813,41 +867,72 @@ fn with_envelope_fields(
     command: Command,
 ) -> Result<CommandEnvelope, CommandError> {
     Ok(CommandEnvelope {
-        id: optional_id(doc)?,
-        traceparent: optional_str(doc, "traceparent")?
-            .map(|t| {
-                t.parse().map_err(|_| CommandError::InvalidValue {
-                    field: "traceparent",
-                    expected: "a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)",
-                    got: t.to_owned(),
-                })
-            })
-            .transpose()?,
-        tracestate: optional_str(doc, "tracestate")?
-            .map(|t| {
-                if t.len() <= MAX_TRACESTATE_LEN && t.is_ascii() {
-                    Ok(t.to_owned())
-                } else {
-                    Err(CommandError::InvalidValue {
-                        field: "tracestate",
-                        expected: "ASCII of at most 512 characters",
-                        got: t.chars().take(40).collect(),
-                    })
-                }
-            })
-            .transpose()?,
-        deadline_ms: optional_int(doc, "deadline_ms")?
-            .map(|v| {
-                u64::try_from(v).map_err(|_| CommandError::OutOfRange {
-                    field: "deadline_ms",
-                    value: v,
-                    min: 0,
-                    max: i64::MAX,
-                })
-            })
-            .transpose()?,
+        id: envelope_id(doc)?,
+        traceparent: envelope_traceparent(doc)?,
+        tracestate: envelope_tracestate(doc)?.map(str::to_owned),
+        deadline_ms: envelope_deadline(doc)?,
         command,
     })
+}
+
+/// A field's value when it is valid; otherwise `None`, and the error becomes the problem
+/// unless an earlier one was found.
+fn usable<T>(
+    field: Result<Option<T>, CommandError>,
+    problem: &mut Option<CommandError>,
+) -> Option<T> {
+    field.unwrap_or_else(|error| {
+        problem.get_or_insert(error);
+        None
+    })
+}
+
+fn envelope_id(doc: &Map<String, Value>) -> Result<Option<String>, CommandError> {
+    let Some(id) = optional_str(doc, "id")? else {
+        return Ok(None);
+    };
+    validate_id(id).map(|()| Some(id.to_owned()))
+}
+
+fn envelope_traceparent(doc: &Map<String, Value>) -> Result<Option<TraceParent>, CommandError> {
+    optional_str(doc, "traceparent")?
+        .map(|t| {
+            t.parse().map_err(|_| CommandError::InvalidValue {
+                field: "traceparent",
+                expected: "a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)",
+                got: t.to_owned(),
+            })
+        })
+        .transpose()
+}
+
+fn envelope_tracestate(doc: &Map<String, Value>) -> Result<Option<&str>, CommandError> {
+    optional_str(doc, "tracestate")?
+        .map(|t| {
+            if t.len() <= MAX_TRACESTATE_LEN && t.is_ascii() {
+                Ok(t)
+            } else {
+                Err(CommandError::InvalidValue {
+                    field: "tracestate",
+                    expected: "ASCII of at most 512 characters",
+                    got: t.chars().take(40).collect(),
+                })
+            }
+        })
+        .transpose()
+}
+
+fn envelope_deadline(doc: &Map<String, Value>) -> Result<Option<u64>, CommandError> {
+    optional_int(doc, "deadline_ms")?
+        .map(|v| {
+            u64::try_from(v).map_err(|_| CommandError::OutOfRange {
+                field: "deadline_ms",
+                value: v,
+                min: 0,
+                max: i64::MAX,
+            })
+        })
+        .transpose()
 }
 
 /// A preset may be written as a string (`"mid"`, `"30%"`) or a number (`30`).
@@ -899,13 +984,6 @@ fn optional_int(
             .ok_or_else(|| invalid(&Value::Number(n.clone()))),
         Some(other) => Err(invalid(other)),
     }
-}
-
-fn optional_id(doc: &Map<String, Value>) -> Result<Option<String>, CommandError> {
-    let Some(id) = optional_str(doc, "id")? else {
-        return Ok(None);
-    };
-    validate_id(id).map(|()| Some(id.to_owned()))
 }
 
 /// Command ids are short and safe to echo into topics, logs and metrics exemplars.
@@ -1096,6 +1174,95 @@ mod tests {
         let huge = vec![b'a'; MAX_COMMAND_PAYLOAD + 1];
         let too_large = CommandEnvelope::parse(CommandKind::Drive, &huge).unwrap_err();
         assert_eq!(too_large.code(), "payload_too_large");
+    }
+
+    #[test]
+    fn a_stop_is_always_a_stop_whatever_its_payload() {
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let huge = vec![b'{'; MAX_COMMAND_PAYLOAD + 1];
+        let cases: [(&[u8], Option<&str>); 14] = [
+            (b"", None),
+            (b"now please", None),
+            (b"  {} ", None),
+            (br#"{"id":"e-1","deadline_ms":1}"#, None),
+            (br#"{"directoin":1}"#, Some("bad_payload")),
+            (b"{", Some("bad_payload")),
+            (b"{}}", Some("bad_payload")),
+            (&[0xff, 0xfe], Some("bad_payload")),
+            (&huge, Some("payload_too_large")),
+            (br#"{"id":"has space"}"#, Some("bad_payload")),
+            (br#"{"id":5}"#, Some("bad_payload")),
+            (br#"{"traceparent":"nope"}"#, Some("bad_payload")),
+            (br#"{"tracestate":"caf\u00e9"}"#, Some("bad_payload")),
+            (br#"{"deadline_ms":-1}"#, Some("out_of_range")),
+        ];
+        for (payload, code) in cases {
+            let shown = String::from_utf8_lossy(payload)
+                .chars()
+                .take(20)
+                .collect::<String>();
+            let (envelope, problem) = CommandEnvelope::parse_stop(payload);
+            assert_eq!(envelope.command, Command::Stop, "{shown}");
+            assert_eq!(problem.as_ref().map(CommandError::code), code, "{shown}");
+            // The strict parser refuses exactly what the lenient one warns about.
+            let strict = CommandEnvelope::parse(CommandKind::Stop, payload);
+            assert_eq!(strict, problem.clone().map_or(Ok(envelope), Err), "{shown}");
+            let at = CommandEnvelope::parse_at(CommandKind::Stop.into(), payload);
+            assert_eq!(at, strict, "{shown}");
+        }
+
+        // What is usable is kept, what is not is left out; the first problem is reported.
+        let (envelope, problem) = CommandEnvelope::parse_stop(
+            format!(
+                r#"{{"directoin":1,"id":"estop-7","traceparent":"{traceparent}",
+                    "tracestate":"vendor=1","deadline_ms":1}}"#
+            )
+            .as_bytes(),
+        );
+        assert!(matches!(
+            problem,
+            Some(CommandError::UnknownField { ref field, .. }) if field == "directoin"
+        ));
+        assert_eq!(envelope.id.as_deref(), Some("estop-7"));
+        assert_eq!(envelope.traceparent, traceparent.parse().ok());
+        assert_eq!(envelope.tracestate.as_deref(), Some("vendor=1"));
+        assert_eq!(
+            envelope.deadline_ms,
+            Some(1),
+            "a late stop is for the node to judge"
+        );
+
+        let (envelope, problem) = CommandEnvelope::parse_stop(
+            format!(r#"{{"id":"has space","traceparent":"{traceparent}","tracestate":7}}"#)
+                .as_bytes(),
+        );
+        assert!(matches!(
+            problem,
+            Some(CommandError::InvalidValue { field: "id", .. })
+        ));
+        assert_eq!(envelope.id, None);
+        assert!(envelope.traceparent.is_some());
+        assert_eq!(envelope.tracestate, None);
+
+        let (envelope, problem) =
+            CommandEnvelope::parse_stop(br#"{"id":"e-2","traceparent":"nope"}"#);
+        assert!(matches!(
+            problem,
+            Some(CommandError::InvalidValue {
+                field: "traceparent",
+                ..
+            })
+        ));
+        assert_eq!(envelope.id.as_deref(), Some("e-2"));
+        assert_eq!(envelope.traceparent, None);
+
+        // An oversized or non-UTF-8 payload is not read at all, whatever it holds.
+        let mut big = br#"{"id":"big-1","pad":""#.to_vec();
+        big.resize(MAX_COMMAND_PAYLOAD + 10, b'x');
+        big.extend_from_slice(br#""}"#);
+        let (envelope, problem) = CommandEnvelope::parse_stop(&big);
+        assert_eq!(envelope, CommandEnvelope::new(Command::Stop));
+        assert!(matches!(problem, Some(CommandError::TooLarge { .. })));
     }
 
     #[test]

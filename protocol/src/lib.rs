@@ -17,8 +17,8 @@ pub use command::{
 };
 pub use discovery::{Capabilities, DiscoveryDevice, DiscoveryPrefix};
 pub use state::{
-    Availability, CommandOutcome, CommandResult, EyesState, LastCommand, MotorDirection,
-    MotorState, RobotState,
+    Availability, CommandOutcome, CommandResult, CommandWarning, EyesState, LastCommand,
+    MotorDirection, MotorState, RobotState,
 };
 pub use topic::{CommandTarget, RobotId, TopicError, TopicPrefix, Topics};
 pub use trace::{TraceContextError, TraceParent};

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{CommandKind, Direction};
+use crate::command::{CommandError, CommandKind, Direction};
 
 /// Availability on `<prefix>/<robot>/status` (retained). `offline` is the node's last will.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +116,38 @@ pub struct CommandResult {
     /// Readable reason, for people.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// Something the sender should know about a command that was carried out anyway: a
+    /// stop whose payload was refused or ignored (an e-stop is never refused for its
+    /// payload). Absent from the document when there is none; results without it (from
+    /// older nodes) read as `None`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub warning: Option<CommandWarning>,
+}
+
+/// `"warning": {"code": "bad_payload", "message": "..."}` in a result: what was wrong with
+/// a command that was carried out all the same. The codes are the error codes
+/// (`bad_payload`, `payload_too_large`, `out_of_range`, `expired`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandWarning {
+    pub code: String,
+    /// Readable reason, for people.
+    pub message: String,
+}
+
+impl CommandWarning {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The problem [`crate::CommandEnvelope::parse_stop`] found, as the stop's warning.
+impl From<&CommandError> for CommandWarning {
+    fn from(error: &CommandError) -> Self {
+        Self::new(error.code(), error.to_string())
+    }
 }
 
 impl CommandResult {
@@ -127,7 +159,13 @@ impl CommandResult {
             status: CommandOutcome::Ok,
             code: None,
             error: None,
+            warning: None,
         }
+    }
+
+    /// The same result with `warning` (or without one, for `None`).
+    pub fn with_warning(self, warning: Option<CommandWarning>) -> Self {
+        Self { warning, ..self }
     }
 
     pub fn error(id: String, robot: String, command: &str, code: &str, error: String) -> Self {
@@ -138,6 +176,7 @@ impl CommandResult {
             status: CommandOutcome::Error,
             code: Some(code.to_owned()),
             error: Some(error),
+            warning: None,
         }
     }
 }
@@ -211,6 +250,38 @@ mod tests {
         let doc = serde_json::to_value(&err).unwrap();
         assert_eq!(doc["status"], "error");
         assert_eq!(doc["code"], "not_supported");
+    }
+
+    #[test]
+    fn a_warning_is_serialized_only_when_present_and_old_results_still_parse() {
+        let (_, problem) = crate::CommandEnvelope::parse_stop(b"{");
+        let warned = CommandResult::ok("c3".into(), "linus".into(), "stop")
+            .with_warning(problem.as_ref().map(CommandWarning::from));
+        let doc = serde_json::to_value(&warned).unwrap();
+        assert_eq!(doc["status"], "ok");
+        assert_eq!(doc["warning"]["code"], "bad_payload");
+        assert!(
+            doc["warning"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("invalid JSON"))
+        );
+        assert!(doc.get("code").is_none() && doc.get("error").is_none());
+        let back: CommandResult = serde_json::from_value(doc).unwrap();
+        assert_eq!(back, warned);
+        // A result from before the field existed, and one with fields this crate does
+        // not know yet, read as they did.
+        let old: CommandResult = serde_json::from_value(
+            json!({"id":"c1","robot":"linus","command":"stop","status":"ok","later":1}),
+        )
+        .unwrap();
+        assert_eq!(old, CommandResult::ok("c1".into(), "linus".into(), "stop"));
+        assert_eq!(
+            serde_json::to_value(
+                CommandResult::ok("c1".into(), "linus".into(), "stop").with_warning(None)
+            )
+            .unwrap(),
+            json!({"id":"c1","robot":"linus","command":"stop","status":"ok"})
+        );
     }
 
     #[test]

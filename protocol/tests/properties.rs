@@ -1,7 +1,7 @@
 //! Property tests of everything in the contract that reads input from the network: the
 //! command parser (bytes, text and JSON, at every command and channel topic), the topic
 //! parser and the trace-context parser never panic and refuse what they cannot read with
-//! an error that has a code; the encoders (canonical command JSON, state and result
+//! an error that has a code; a stop is a stop whatever its payload; the encoders (canonical command JSON, state and result
 //! documents, discovery documents) produce what the parsers read back.
 //!
 //! `.ci/run` runs this file with a fixed number of cases per property
@@ -10,12 +10,12 @@
 
 use std::collections::HashSet;
 
-use fleet_protocol::command::{MAX_COMMAND_PAYLOAD, MAX_TRACESTATE_LEN};
+use fleet_protocol::command::{MAX_COMMAND_PAYLOAD, MAX_TRACESTATE_LEN, validate_id};
 use fleet_protocol::{
     Capabilities, Channel, Command, CommandAddress, CommandEnvelope, CommandError, CommandKind,
-    CommandOutcome, CommandResult, CommandTarget, Direction, DiscoveryDevice, DiscoveryPrefix,
-    EyesCommand, EyesState, LastCommand, MotorDirection, MotorState, RobotId, RobotState,
-    ServoTarget, SpeedTarget, TopicPrefix, Topics, TraceParent,
+    CommandOutcome, CommandResult, CommandTarget, CommandWarning, Direction, DiscoveryDevice,
+    DiscoveryPrefix, EyesCommand, EyesState, LastCommand, MotorDirection, MotorState, RobotId,
+    RobotState, ServoTarget, SpeedTarget, TopicPrefix, Topics, TraceParent,
 };
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -300,6 +300,40 @@ proptest! {
     }
 
     #[test]
+    fn a_stop_is_a_stop_whatever_its_payload(payload in prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..600),
+        ".{0,200}".prop_map(String::into_bytes),
+        vocabulary_text().prop_map(String::into_bytes),
+        prop_oneof![json_command_object(), json_value()].prop_map(|doc| doc.to_string().into_bytes()),
+        (1usize..2048, any::<u8>()).prop_map(|(extra, byte)| vec![byte; MAX_COMMAND_PAYLOAD + extra]),
+    ]) {
+        let (envelope, problem) = CommandEnvelope::parse_stop(&payload);
+        prop_assert_eq!(envelope.command, Command::Stop);
+        if let Some(problem) = &problem {
+            assert_reported(problem);
+        }
+        // The strict parser (at both entry points) refuses exactly what the lenient one
+        // warns about, with the same error.
+        let strict = problem.map_or(Ok(envelope), Err);
+        prop_assert_eq!(&CommandEnvelope::parse(CommandKind::Stop, &payload), &strict);
+        prop_assert_eq!(&CommandEnvelope::parse_at(CommandKind::Stop.into(), &payload), &strict);
+    }
+
+    #[test]
+    fn a_stop_keeps_the_valid_fields_of_any_json_object(doc in json_command_object()) {
+        let payload = doc.to_string();
+        prop_assume!(payload.len() <= MAX_COMMAND_PAYLOAD);
+        let (envelope, _) = CommandEnvelope::parse_stop(payload.as_bytes());
+        let id = doc.get("id").and_then(Value::as_str).filter(|id| validate_id(id).is_ok());
+        prop_assert_eq!(envelope.id.as_deref(), id);
+        let traceparent = doc.get("traceparent").and_then(Value::as_str).and_then(|t| t.parse::<TraceParent>().ok());
+        prop_assert_eq!(envelope.traceparent, traceparent);
+        // What was kept is clean: its canonical form passes the strict parser.
+        let canonical = envelope.to_json().to_string();
+        prop_assert_eq!(CommandEnvelope::parse(CommandKind::Stop, canonical.as_bytes()), Ok(envelope));
+    }
+
+    #[test]
     fn oversized_payloads_are_refused_before_parsing(address in address(), extra in 1usize..2048, byte in any::<u8>()) {
         let payload = vec![byte; MAX_COMMAND_PAYLOAD + extra];
         let refused = CommandEnvelope::parse_at(address, &payload);
@@ -366,12 +400,14 @@ proptest! {
     }
 
     #[test]
-    fn command_result_round_trips(id in command_id(), robot in robot_id(), command in ".{0,20}", error in proptest::option::of(("[a-z_]{1,20}", ".{0,80}"))) {
+    fn command_result_round_trips(id in command_id(), robot in robot_id(), command in ".{0,20}", error in proptest::option::of(("[a-z_]{1,20}", ".{0,80}")), warning in proptest::option::of(("[a-z_]{1,20}", ".{0,80}"))) {
         let result = match error {
             None => CommandResult::ok(id, robot.to_string(), &command),
             Some((code, text)) => CommandResult::error(id, robot.to_string(), &command, &code, text),
-        };
+        }
+        .with_warning(warning.map(|(code, message)| CommandWarning::new(&code, message)));
         let text = serde_json::to_string(&result).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(text.contains("\"warning\""), result.warning.is_some(), "{}", text);
         let parsed: CommandResult = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(parsed, result);
     }

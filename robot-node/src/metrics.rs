@@ -1,8 +1,11 @@
 //! The node's Prometheus metrics. One set per process (a `--simulate N` process shares
 //! it between its robots), with no robot label, so series stay few at any fleet size.
+//! The rate limit for log lines that clients can trigger lives next to the counters and
+//! is shared the same way.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use fleet_runtime::log_limit::{Admission, LogLimiter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -17,6 +20,19 @@ struct CommandLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+/// Why a stop's payload was ignored: the code of its result's `warning`.
+pub const STOP_PAYLOAD_REASONS: [&str; 4] = [
+    "bad_payload",
+    "payload_too_large",
+    "out_of_range",
+    "expired",
+];
+
 pub struct NodeMetrics {
     registry: Registry,
     commands: Family<CommandLabels, Counter>,
@@ -27,6 +43,10 @@ pub struct NodeMetrics {
     pub publishes_dropped: Counter,
     pub robots_connected: Gauge,
     pub discovery_published: Counter,
+    stop_payloads_ignored: Family<ReasonLabels, Counter>,
+    /// Rate limit for the log lines clients can trigger at will, shared like the
+    /// counters by the robots of the process (the counters count every event).
+    log_limit: LogLimiter,
 }
 
 impl Default for NodeMetrics {
@@ -81,6 +101,21 @@ impl Default for NodeMetrics {
             "Home Assistant discovery documents published (each connect and each Home Assistant start)",
             discovery_published.clone(),
         );
+        let stop_payloads_ignored = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "fleet_node_stop_payloads_ignored",
+            "Stops carried out although their payload was refused or ignored, by reason (the code of the result's warning)",
+            stop_payloads_ignored.clone(),
+        );
+        // Every reason from the start, at 0: a rate over a series that does not exist yet
+        // is "no data", not 0.
+        for reason in STOP_PAYLOAD_REASONS {
+            stop_payloads_ignored
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(0);
+        }
         fleet_runtime::process::register(&mut registry);
         Self {
             registry,
@@ -92,6 +127,8 @@ impl Default for NodeMetrics {
             publishes_dropped,
             robots_connected,
             discovery_published,
+            stop_payloads_ignored,
+            log_limit: LogLimiter::default(),
         }
     }
 }
@@ -124,6 +161,44 @@ impl NodeMetrics {
                 self.commands.get(&labels).map(|counter| counter.get())
             })
             .sum()
+    }
+
+    /// A stop was carried out although its payload was ignored for `reason` (one of
+    /// `STOP_PAYLOAD_REASONS`; anything else counts as `bad_payload`).
+    pub fn record_stop_payload_ignored(&self, reason: &str) {
+        let reason = STOP_PAYLOAD_REASONS
+            .into_iter()
+            .find(|known| *known == reason)
+            .unwrap_or("bad_payload");
+        self.stop_payloads_ignored
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// How many stops were carried out with their payload ignored for `reason`.
+    pub fn stop_payloads_ignored(&self, reason: &str) -> u64 {
+        self.stop_payloads_ignored
+            .get(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .map_or(0, |counter| counter.get())
+    }
+
+    /// Whether to write a client-triggered log line of `kind` now: `Some(lines of that
+    /// kind held back before it)`, or `None` to leave it out.
+    pub fn log_line(&self, kind: &'static str) -> Option<u64> {
+        match self.log_limit.admit(kind, Instant::now()) {
+            Admission::Log { held_back } => Some(held_back),
+            Admission::HoldBack => None,
+        }
+    }
+
+    /// Logs, once per window, how many client-triggered lines were held back. Runs until
+    /// dropped.
+    pub async fn report_held_back_log_lines(&self) {
+        fleet_runtime::log_limit::report_held_back(&self.log_limit).await;
     }
 
     /// Prometheus text format (see `fleet_runtime::exposition`).

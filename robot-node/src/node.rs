@@ -12,8 +12,8 @@ use bytes::Bytes;
 use fleet_protocol::trace::TRACESTATE;
 use fleet_protocol::{
     Availability, COMMAND_ID_PROPERTY, Command, CommandAddress, CommandEnvelope, CommandKind,
-    CommandOutcome, CommandResult, CommandTarget, DiscoveryDevice, EyesCommand, LastCommand,
-    TopicError, Topics, TraceParent, command::validate_id,
+    CommandOutcome, CommandResult, CommandTarget, CommandWarning, DiscoveryDevice, EyesCommand,
+    LastCommand, TopicError, Topics, TraceParent, command::validate_id,
 };
 use fleet_runtime::telemetry::set_remote_parent;
 use rumqttc::Outgoing;
@@ -32,8 +32,10 @@ use crate::robot::{CommandFailure, Robot};
 /// past that, a flood of fleet-wide commands is answered at once instead of piling up.
 const MAX_DEFERRED_REPLIES: usize = 64;
 
-/// Largest packet the node accepts. Bigger than any valid command, so that an oversized
-/// command reaches the parser and gets an error result instead of killing the link.
+/// Largest packet the node accepts. Bigger than any valid command and than the broker's
+/// largest packet (1 MiB by default), so that an oversized command reaches the parser
+/// and gets an error result instead of killing the link, and an oversized stop is
+/// carried out.
 const MAX_INCOMING_PACKET: u32 = 2 * 1024 * 1024;
 /// Requests queued towards the MQTT event loop.
 const OUTGOING_CAPACITY: usize = 1024;
@@ -106,7 +108,13 @@ pub async fn run(
         state_dirty: Cell::new(false),
         state_published_at: Cell::new(None),
     };
-    node.serve(&mut events, &mut stops, shutdown).await;
+    let metrics = node.metrics.clone();
+    tokio::select! {
+        biased;
+        () = node.serve(&mut events, &mut stops, shutdown) => {}
+        // Never ends; goes with the node (also when the node's task is aborted).
+        () = metrics.report_held_back_log_lines() => {}
+    }
     node.leave().await;
     // The link task ends once the last publishes and the DISCONNECT are written (the
     // receivers stay open until then: closing them would end it before it flushed);
@@ -501,14 +509,21 @@ impl Node {
         };
 
         let mut fleet_wide = false;
+        // What was wrong with a stop that is carried out all the same.
+        let mut warning: Option<CommandFailure> = None;
         let (command_name, parsed) = match self.config.topics.parse_command(&topic) {
             Ok((target, address)) => {
                 fleet_wide = target == CommandTarget::All;
-                (
-                    address.as_str().to_owned(),
+                let parsed = if address == CommandAddress::Command(CommandKind::Stop) {
+                    // An e-stop is never refused for its payload.
+                    let (envelope, problem) = CommandEnvelope::parse_stop(&publish.payload);
+                    warning = problem.map(CommandFailure::from);
+                    Ok(envelope)
+                } else {
                     CommandEnvelope::parse_at(address, &publish.payload)
-                        .map_err(CommandFailure::from),
-                )
+                        .map_err(CommandFailure::from)
+                };
+                (address.as_str().to_owned(), parsed)
             }
             Err(error @ TopicError::UnknownCommand(_)) => {
                 let name = topic.rsplit('/').next().unwrap_or_default().to_owned();
@@ -570,6 +585,14 @@ impl Node {
         let _entered = span.enter();
 
         let outcome = parsed.and_then(|envelope| {
+            if envelope.command == Command::Stop {
+                // A late stop is still safe to carry out: the deadline only warns.
+                if let Err(late) = check_deadline(envelope.deadline_ms) {
+                    warning.get_or_insert(late);
+                }
+                self.last_stop_received = Some(received);
+                return self.execute(&envelope.command);
+            }
             check_deadline(envelope.deadline_ms)?;
             if envelope.command == Command::Decommission && fleet_wide {
                 return Err(CommandFailure {
@@ -577,9 +600,7 @@ impl Node {
                     message: "decommission addresses one robot, not the whole fleet".to_owned(),
                 });
             }
-            if envelope.command == Command::Stop {
-                self.last_stop_received = Some(received);
-            } else if self.last_stop_received.is_some_and(|stop| received < stop) {
+            if self.last_stop_received.is_some_and(|stop| received < stop) {
                 // It was queued when a stop overtook it: running it now would undo the stop.
                 return Err(CommandFailure {
                     code: "superseded",
@@ -588,6 +609,12 @@ impl Node {
             }
             self.execute(&envelope.command)
         });
+        if let Some(warning) = &warning {
+            self.metrics.record_stop_payload_ignored(warning.code);
+            if let Some(held_back) = self.metrics.log_line("stop_payload_ignored") {
+                tracing::warn!(code = warning.code, error = %warning.message, held_back, "stop payload ignored; the stop was carried out regardless");
+            }
+        }
         let result = match &outcome {
             Ok(()) => {
                 tracing::info!("command done");
@@ -603,7 +630,8 @@ impl Node {
                     failure.message.clone(),
                 )
             }
-        };
+        }
+        .with_warning(warning.map(|w| CommandWarning::new(w.code, w.message)));
         let known_kind = command_name
             .parse::<CommandAddress>()
             .ok()

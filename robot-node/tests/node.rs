@@ -1,63 +1,16 @@
 //! A node against the real broker, driven by real MQTT clients, with the recording
 //! backend standing in for the hardware so every pin change can be checked and timed.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use fleet_testkit::{TcpProxy, WAIT, Watcher, start_broker};
-use robot_node::driver::Recording;
-use robot_node::{
-    BrokerAddress, NodeConfig, NodeHandle, NodeMetrics, RecordingDriver, RobotConfig,
+use common::{
+    config, latest_state, motors_off, motors_off_at_once, online, spawn, stop_behind_queued_drives,
 };
+use fleet_testkit::{TcpProxy, WAIT, Watcher, start_broker};
+use robot_node::RobotConfig;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
-
-struct TestRobot {
-    node: NodeHandle,
-    recording: Recording,
-    metrics: Arc<NodeMetrics>,
-    inputs: [u8; 4],
-}
-
-fn config(addr: SocketAddr, robot: RobotConfig) -> NodeConfig {
-    let broker = BrokerAddress {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-    };
-    NodeConfig::new(robot, broker)
-}
-
-fn spawn(config: NodeConfig) -> TestRobot {
-    let (driver, recording) = RecordingDriver::new();
-    let metrics = Arc::new(NodeMetrics::default());
-    let inputs = config.robot.motor_inputs;
-    let node = robot_node::spawn(config, Box::new(driver), metrics.clone());
-    TestRobot {
-        node,
-        recording,
-        metrics,
-        inputs,
-    }
-}
-
-async fn online(watcher: &Watcher, robot: &str) {
-    let topic = format!("fleet/{robot}/status");
-    watcher
-        .wait_for("online", |m| m.topic == topic && m.text() == "online")
-        .await;
-}
-
-/// The latest retained state of `robot` that `watcher` has seen.
-fn latest_state(watcher: &Watcher, robot: &str) -> serde_json::Value {
-    let topic = format!("fleet/{robot}/state");
-    watcher
-        .messages()
-        .iter()
-        .rev()
-        .find(|m| m.topic == topic)
-        .map(|m| m.json())
-        .unwrap_or_default()
-}
 
 #[tokio::test]
 async fn plain_text_drive_from_a_v311_client_moves_the_robot() {
@@ -469,44 +422,7 @@ async fn a_stop_wins_over_queued_drive_commands() {
     let robot = spawn(config(broker.mqtt_addr(), RobotConfig::linus()));
     online(&watcher, "linus").await;
 
-    let drives = 300;
-    for i in 0..drives {
-        watcher
-            .publish(
-                "fleet/linus/cmd/drive",
-                format!(r#"{{"direction":"forward","id":"d{i}"}}"#),
-            )
-            .await;
-    }
-    watcher
-        .publish("fleet/all/cmd/stop", r#"{"id":"estop"}"#)
-        .await;
-    watcher
-        .wait_for("every result", |_| {
-            watcher
-                .messages()
-                .iter()
-                .filter(|m| m.topic == "fleet/linus/result")
-                .count()
-                > drives
-        })
-        .await;
-    let results: Vec<_> = watcher
-        .messages()
-        .into_iter()
-        .filter(|m| m.topic == "fleet/linus/result")
-        .map(|m| m.json())
-        .collect();
-    let stop_at = results
-        .iter()
-        .position(|r| r["id"] == "estop")
-        .expect("the stop's result");
-    assert!(
-        results[stop_at + 1..]
-            .iter()
-            .all(|r| r["status"] == "error" && r["code"] == "superseded"),
-        "no drive that came before the stop ran after it"
-    );
+    stop_behind_queued_drives(&watcher, "fleet/all/cmd/stop", r#"{"id":"estop"}"#, "estop").await;
     assert_eq!(robot.recording.levels(&robot.inputs), "0000");
     assert_eq!(latest_state(&watcher, "linus")["motion"], "stop");
 }
@@ -612,18 +528,6 @@ async fn outputs_start_safe_and_an_idle_node_keeps_a_heartbeat() {
     );
 }
 
-/// Waits until the recording shows every motor input off; returns when that happened.
-async fn motors_off(robot: &TestRobot) -> Instant {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(at) = robot.recording.all_inactive_since(&robot.inputs) {
-            return at;
-        }
-        assert!(Instant::now() < deadline, "the motors never stopped");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_flood_of_fleet_wide_commands_is_not_held_back_without_bound() {
     let broker = start_broker().await;
@@ -689,12 +593,7 @@ async fn answers_to_fleet_wide_commands_are_spread_out_but_the_stop_is_immediate
     watcher
         .publish("fleet/all/cmd/stop", r#"{"id":"everyone-1"}"#)
         .await;
-    let stopped = motors_off(&linus).await;
-    assert!(
-        stopped.duration_since(sent) < Duration::from_millis(500),
-        "motors off {:?} after the stop",
-        stopped.duration_since(sent)
-    );
+    motors_off_at_once(&linus, sent).await;
     let result = watcher
         .wait_for_json("fleet/linus/result", |r| r["id"] == "everyone-1")
         .await;

@@ -143,9 +143,11 @@ run() {
 as_controller_to_robots() {
   export FLEET_BENCH_PUB_USERNAME=bench-ctl FLEET_BENCH_PUB_PASSWORD=$CTL_PASSWORD
   export FLEET_BENCH_SUB_USERNAME='bench-{i}' FLEET_BENCH_SUB_PASSWORD="bench-{i}-$SECRET"
+  export FLEET_BENCH_SUB_CLIENT_ID='robot-bench-{i}'; unset FLEET_BENCH_PUB_CLIENT_ID
 }
 as_robots_to_controller() {
   export FLEET_BENCH_PUB_USERNAME='bench-{i}' FLEET_BENCH_PUB_PASSWORD="bench-{i}-$SECRET"
+  export FLEET_BENCH_PUB_CLIENT_ID='robot-bench-{i}'; unset FLEET_BENCH_SUB_CLIENT_ID
   export FLEET_BENCH_SUB_USERNAME=bench-ctl FLEET_BENCH_SUB_PASSWORD=$CTL_PASSWORD
 }
 
@@ -171,7 +173,7 @@ echo "$IDLE_CPU"
 acl_check() { # acl_check BROKER PORT
   local sub pub login
   sub=$(FLEET_BENCH_PUB_USERNAME=bench-ctl FLEET_BENCH_PUB_PASSWORD=$CTL_PASSWORD \
-    FLEET_BENCH_SUB_USERNAME=bench-2 FLEET_BENCH_SUB_PASSWORD=$(robot_password 2) \
+    FLEET_BENCH_SUB_USERNAME=bench-2 FLEET_BENCH_SUB_PASSWORD=$(robot_password 2) FLEET_BENCH_SUB_CLIENT_ID=robot-bench-2 \
     "$BIN/fleet-bench" latency --broker 127.0.0.1:$2 --rate 100 --seconds 0.2 --drain-ms 500 2>&1 |
     jq -Rr 'fromjson? // . | if type == "object" then "SUBACK granted, \(.received) of \(.sent) delivered" else . end' | head -1 || true)
   pub=$(FLEET_BENCH_USERNAME=bench-ctl FLEET_BENCH_PASSWORD=$CTL_PASSWORD \

@@ -103,6 +103,13 @@ struct Common {
     /// Subscribers' password template ({i}: subscriber index)
     #[arg(long, env = "FLEET_BENCH_SUB_PASSWORD", hide_env_values = true)]
     sub_password: Option<String>,
+    /// Publishers' client id template ({i}: publisher index; default: a tag of this run).
+    /// A broker with a users file binds robot users to `robot-<username>`
+    #[arg(long, env = "FLEET_BENCH_PUB_CLIENT_ID")]
+    pub_client_id: Option<String>,
+    /// Subscribers' client id template ({i}: subscriber index; default: a tag of this run)
+    #[arg(long, env = "FLEET_BENCH_SUB_CLIENT_ID")]
+    sub_client_id: Option<String>,
     /// Topic template publisher {i} publishes to (default: per scenario)
     #[arg(long)]
     pub_topic: Option<String>,
@@ -202,6 +209,8 @@ fn plan(shape: &Shape, common: &Common) -> anyhow::Result<Plan> {
             .unwrap_or_else(|| shape.sub_filter.to_owned()),
         pub_credentials: credentials(&common.pub_username, &common.pub_password, common),
         sub_credentials: credentials(&common.sub_username, &common.sub_password, common),
+        pub_client_id: common.pub_client_id.clone(),
+        sub_client_id: common.sub_client_id.clone(),
         payload_len: common.payload,
         inflight: common.inflight.max(1),
         drain: Duration::from_millis(common.drain_ms),

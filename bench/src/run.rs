@@ -46,6 +46,9 @@ pub struct Plan {
     pub sub_filter: String,
     pub pub_credentials: Option<Credentials>,
     pub sub_credentials: Option<Credentials>,
+    /// Client id templates (`{i}`); `None`: a tag of this run and the client's index.
+    pub pub_client_id: Option<String>,
+    pub sub_client_id: Option<String>,
     pub payload_len: usize,
     /// Publishers' outgoing in-flight window and subscribers' receive maximum.
     pub inflight: u16,
@@ -169,7 +172,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Outcome> {
     for i in 1..=plan.subscribers {
         let mut opts = options(
             plan,
-            format!("{tag}-s{i}"),
+            plan.sub_client_id
+                .as_deref()
+                .map_or_else(|| format!("{tag}-s{i}"), |t| fill(t, i)),
             plan.sub_credentials.as_ref(),
             i,
         );
@@ -202,7 +207,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Outcome> {
     for i in 1..=plan.publishers {
         let mut opts = options(
             plan,
-            format!("{tag}-p{i}"),
+            plan.pub_client_id
+                .as_deref()
+                .map_or_else(|| format!("{tag}-p{i}"), |t| fill(t, i)),
             plan.pub_credentials.as_ref(),
             i,
         );

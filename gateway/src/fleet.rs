@@ -398,14 +398,17 @@ impl Bus {
         if result["robot"].as_str() != Some(robot.as_str()) {
             return refuse("robot_mismatch");
         }
+        // A result from the robot its topic names (the broker lets only that robot publish
+        // there): counted like those on the robots' own result topics, also when it
+        // answers nothing awaited (late after a timeout, or sent untracked).
+        self.metrics
+            .record_result(result["status"].as_str().unwrap_or("unknown"));
         let Some(id) = result["id"].as_str() else {
             return refuse("unknown_id");
         };
         match self.pending.resolve(id, robot.as_str(), false, &result) {
             Ok((latency, waited)) => {
                 self.metrics.record_latency(latency, waited);
-                self.metrics
-                    .record_result(result["status"].as_str().unwrap_or("unknown"));
                 // A robot the table does not hold stays out of it.
                 let _ = self.fleet.absorb_reply(&robot, &result);
             }

@@ -177,7 +177,7 @@ impl Default for Metrics {
         let replies_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "fleet_gateway_replies_refused",
-            "Results on this gateway's reply topics that were not accepted, by reason (bad_topic, not_json, robot_mismatch, unknown_id)",
+            "Results on this gateway's reply topics that answered no awaited command, by reason (bad_topic, not_json, robot_mismatch; unknown_id: late after a timeout, sent untracked, or made up)",
             replies_refused.clone(),
         );
         let robots_ignored = Counter::default();

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleet_protocol::{Availability, RobotId, Topics};
-use fleet_runtime::log_limit::{Admission, LogLimiter};
+use fleet_runtime::log_limit::{Admission, LogLimiter, quoted};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -346,7 +346,7 @@ impl Bus {
                 if let Admission::Log { held_back } =
                     self.log_limit.admit("robot_ignored", Instant::now())
                 {
-                    tracing::warn!(topic = %bounded(&topic), max_robots = self.fleet.max_robots, held_back, "ignoring a robot: the fleet table is full (see --max-robots)");
+                    tracing::warn!(topic = %quoted(&topic, MAX_LOGGED_TOPIC), max_robots = self.fleet.max_robots, held_back, "ignoring a robot: the fleet table is full (see --max-robots)");
                 }
             }
             Err(Ignored::NotOurs | Ignored::BadPayload) => {}
@@ -381,7 +381,7 @@ impl Bus {
             if let Admission::Log { held_back } =
                 self.log_limit.admit("reply_refused", Instant::now())
             {
-                tracing::warn!(topic = %bounded(topic), reason, held_back, "refused a reply");
+                tracing::warn!(topic = %quoted(topic, MAX_LOGGED_TOPIC), reason, held_back, "refused a reply");
             }
         };
         let Some(robot) = self
@@ -415,15 +415,6 @@ impl Bus {
             Err(unmatched) => refuse(unmatched.reason()),
         }
     }
-}
-
-/// A topic fit for a log line.
-fn bounded(topic: &str) -> String {
-    topic
-        .chars()
-        .take(MAX_LOGGED_TOPIC)
-        .flat_map(char::escape_debug)
-        .collect()
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
 use crate::api::ApiError;
-use fleet_runtime::log_limit::Admission;
+use fleet_runtime::log_limit::{Admission, quoted};
 
 /// `Sec-Fetch-Site`: where the browser says the request comes from (`same-origin`,
 /// `same-site`, `cross-site`, or `none` for an address typed or bookmarked).
@@ -297,15 +297,6 @@ fn origin_of_url(url: &str) -> Option<&str> {
     Some(&url[..end])
 }
 
-/// A header value fit for a log line: bounded, control characters escaped.
-fn quoted(value: &str) -> String {
-    value
-        .chars()
-        .take(MAX_LOGGED)
-        .flat_map(char::escape_debug)
-        .collect()
-}
-
 /// Counts, logs (a few per window) and answers a refused request.
 fn refuse(
     state: &AppState,
@@ -317,7 +308,7 @@ fn refuse(
 ) -> Response {
     state.metrics.record_refusal(code);
     if let Admission::Log { held_back } = state.log_limit.admit(code, Instant::now()) {
-        let detail = detail.map(quoted).unwrap_or_default();
+        let detail = detail.map(|d| quoted(d, MAX_LOGGED)).unwrap_or_default();
         tracing::warn!(client = %client_ip(request), path = %request.uri().path(), %detail, held_back, "request refused: {message}");
     }
     ApiError::new(status, code, message).into_response()

@@ -12,9 +12,6 @@ use fleet_gateway::GatewayConfig;
 use fleet_protocol::RobotId;
 use fleet_testkit::{TcpProxy, WAIT, Watcher, start_broker};
 use robot_node::{BrokerAddress, NodeConfig, NodeHandle, RobotConfig, SimulatedDriver};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -76,6 +73,18 @@ async fn start(
 ) -> Gateway {
     let broker = start_broker().await;
     let mqtt = broker.mqtt_addr();
+    launch(broker, mqtt, robots, limits, configure).await
+}
+
+/// As `start`, with the gateway connecting to the broker at `gateway_broker` (a proxy).
+async fn launch(
+    broker: fleet_broker::RunningBroker,
+    gateway_broker: SocketAddr,
+    robots: bool,
+    limits: Limits,
+    configure: impl FnOnce(&mut GatewayConfig),
+) -> Gateway {
+    let mqtt = broker.mqtt_addr();
     let commands = Watcher::v5(mqtt, "commands", "fleet/+/cmd/#").await;
     let mut nodes = Vec::new();
     if robots {
@@ -99,7 +108,7 @@ async fn start(
                 .await;
         }
     }
-    let mut config = GatewayConfig::new(mqtt.ip().to_string(), mqtt.port());
+    let mut config = GatewayConfig::new(gateway_broker.ip().to_string(), gateway_broker.port());
     config.robots = ["linus", "torvalds", "victim"]
         .map(|r| RobotId::new(r).unwrap())
         .to_vec();
@@ -181,6 +190,14 @@ impl Gateway {
             .collect()
     }
 
+    /// Asserts that /metrics has each of `samples` (whole lines).
+    async fn expect_samples(&self, samples: &[&str]) {
+        let metrics = self.metrics().await;
+        for sample in samples {
+            assert!(has_sample(&metrics, sample), "{sample}\n{metrics}");
+        }
+    }
+
     async fn robots(&self) -> Vec<Value> {
         let (_, body) = self.send(self.get("/api/robots")).await;
         body["robots"].as_array().cloned().unwrap_or_default()
@@ -246,72 +263,56 @@ async fn read_head(stream: &mut TcpStream) -> Option<String> {
 #[tokio::test]
 async fn cross_site_requests_are_refused_and_publish_nothing() {
     let gw = start(false, Limits::default(), |_| {}).await;
-    // <img src="http://127.0.0.1:8080/forward"> on a page elsewhere, in a browser that
-    // sends Fetch Metadata...
-    let (status, error) = gw
-        .send(
+    let evil = "http://evil.example";
+    let attacks = [
+        (
+            "<img src=.../forward> in a browser that sends Fetch Metadata",
             gw.get("/forward")
                 .header("sec-fetch-site", "cross-site")
                 .header("sec-fetch-mode", "no-cors")
                 .header("sec-fetch-dest", "image")
-                .header("referer", "http://evil.example/"),
-        )
-        .await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (403, Some("forbidden_origin"))
-    );
-    // ... and in one that does not (only the Referer tells).
-    let (status, _) = gw
-        .send(
-            gw.get("/left")
-                .header("referer", "http://evil.example/page"),
-        )
-        .await;
-    assert_eq!(status, 403, "a foreign Referer on a GET alias");
-    // A cross-site form POST (what <form action=... method=post> sends).
-    let (status, error) = gw
-        .send(
+                .header("referer", format!("{evil}/")),
+        ),
+        (
+            "... and in one that does not (only the Referer tells)",
+            gw.get("/left").header("referer", format!("{evil}/page")),
+        ),
+        (
+            "a cross-site form POST (<form action=... method=post>)",
             gw.post("/servoarm", "degree=90&degree2=-90")
                 .header("content-type", "application/x-www-form-urlencoded")
-                .header("origin", "http://evil.example")
+                .header("origin", evil)
                 .header("sec-fetch-site", "cross-site"),
-        )
-        .await;
-    assert_eq!(
-        (status, error["code"].as_str()),
-        (403, Some("forbidden_origin"))
-    );
-    // fetch(url, {method: "POST", mode: "no-cors", body: "forward"}): a simple request,
-    // sent without a preflight.
-    let (status, _) = gw
-        .send(
+        ),
+        (
+            "fetch(url, {method: 'POST', mode: 'no-cors', body: 'forward'}), no preflight",
             gw.post("/api/robots/linus/commands/drive", "forward")
                 .header("content-type", "text/plain;charset=UTF-8")
-                .header("origin", "http://evil.example"),
-        )
-        .await;
-    assert_eq!(status, 403, "a foreign Origin on the API");
-    let (status, _) = gw
-        .send(
+                .header("origin", evil),
+        ),
+        (
+            "a sibling site is another site too",
             gw.post("/api/robots/linus/commands/drive", "forward")
                 .header("sec-fetch-site", "same-site"),
-        )
-        .await;
-    assert_eq!(status, 403, "a sibling site is another site too");
-    let (status, _) = gw.send(gw.get("/api/probe").header("origin", "null")).await;
-    assert_eq!(status, 403, "an opaque origin (sandboxed frame)");
+        ),
+        (
+            "an opaque origin (a sandboxed frame)",
+            gw.get("/api/probe").header("origin", "null"),
+        ),
+    ];
+    for (attack, request) in attacks {
+        let (status, error) = gw.send(request).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (403, Some("forbidden_origin")),
+            "{attack}"
+        );
+    }
 
     gw.mark().await;
     assert_eq!(gw.published(), vec![], "nothing was published");
-    let metrics = gw.metrics().await;
-    assert!(
-        has_sample(
-            &metrics,
-            "fleet_gateway_requests_refused_total{reason=\"forbidden_origin\"} 6"
-        ),
-        "{metrics}"
-    );
+    gw.expect_samples(&["fleet_gateway_requests_refused_total{reason=\"forbidden_origin\"} 6"])
+        .await;
 }
 
 #[tokio::test]
@@ -356,14 +357,8 @@ async fn a_rebound_dns_name_is_refused_on_loopback() {
         let (status, _) = gw.send(gw.get(path).header("host", &evil)).await;
         assert_eq!(status, 200, "{path} answers probes under any Host");
     }
-    let metrics = gw.metrics().await;
-    assert!(
-        has_sample(
-            &metrics,
-            "fleet_gateway_requests_refused_total{reason=\"forbidden_host\"} 5"
-        ),
-        "{metrics}"
-    );
+    gw.expect_samples(&["fleet_gateway_requests_refused_total{reason=\"forbidden_host\"} 5"])
+        .await;
 }
 
 #[tokio::test]
@@ -378,9 +373,10 @@ async fn the_page_scripts_and_listed_origins_still_work() {
     )
     .await;
     let own = gw.base.clone();
-    // The page's own fetch (as gateway/src/ui/index.html sends it).
-    let (status, _) = gw
-        .send(
+    let listed = "https://ops.example.com";
+    let requests = [
+        (
+            "the page's own fetch (as gateway/src/ui/index.html sends it)",
             gw.post(
                 "/api/robots/linus/commands/drive",
                 r#"{"direction":"forward","hold_ms":1000}"#,
@@ -389,42 +385,46 @@ async fn the_page_scripts_and_listed_origins_still_work() {
             .header("origin", &own)
             .header("sec-fetch-site", "same-origin")
             .header("referer", format!("{own}/")),
-        )
-        .await;
-    assert_eq!(status, 202, "the page itself");
-    // curl and scripts: no Origin, no Sec-Fetch-*.
+            202,
+        ),
+        (
+            "curl and scripts: no Origin, no Sec-Fetch-*",
+            gw.post("/api/robots/linus/commands/drive", "left"),
+            202,
+        ),
+        (
+            "an address typed into the browser, under a loopback name",
+            gw.get("/right")
+                .header("host", format!("localhost:{}", gw.addr.port()))
+                .header("sec-fetch-site", "none"),
+            202,
+        ),
+        (
+            "an --allowed-origins page",
+            gw.post("/api/robots/torvalds/commands/eyes", "on")
+                .header("origin", listed),
+            202,
+        ),
+        (
+            "... but Sec-Fetch-Site: cross-site is refused even so",
+            gw.post("/api/robots/torvalds/commands/eyes", "on")
+                .header("origin", listed)
+                .header("sec-fetch-site", "cross-site"),
+            403,
+        ),
+    ];
+    for (what, request, expected) in requests {
+        let (status, body) = gw.send(request).await;
+        assert_eq!(status, expected, "{what}: {body}");
+    }
     let (status, result) = gw
         .send(gw.post("/api/robots/linus/commands/drive?wait=true", "left"))
         .await;
     assert_eq!(
         (status, result["status"].as_str()),
         (200, Some("ok")),
-        "curl with ?wait=true"
+        "curl with ?wait=true: the answer on linus's reply topic"
     );
-    // An address typed into the browser, through a loopback name.
-    let (status, _) = gw
-        .send(
-            gw.get("/right")
-                .header("host", format!("localhost:{}", gw.addr.port()))
-                .header("sec-fetch-site", "none"),
-        )
-        .await;
-    assert_eq!(status, 202, "a typed address");
-    let (status, _) = gw
-        .send(
-            gw.post("/api/robots/torvalds/commands/eyes", "on")
-                .header("origin", "https://ops.example.com")
-                .header("sec-fetch-site", "cross-site"),
-        )
-        .await;
-    assert_eq!(status, 403, "Sec-Fetch-Site cross-site is refused even so");
-    let (status, _) = gw
-        .send(
-            gw.post("/api/robots/torvalds/commands/eyes", "on")
-                .header("origin", "https://ops.example.com"),
-        )
-        .await;
-    assert_eq!(status, 202, "an --allowed-origins page");
     let (status, probe) = gw
         .send(gw.get("/api/probe").header("sec-fetch-site", "same-origin"))
         .await;
@@ -578,38 +578,23 @@ async fn stops_pass_a_client_far_over_its_rate_limit_without_the_token() {
         .filter(|(topic, payload)| topic.ends_with("/cmd/drive") && payload["direction"] == "stop")
         .count();
     assert_eq!(drive_stops, 2, "/stop and /stoptwo");
-    let metrics = gw.metrics().await;
-    for sample in [
+    gw.expect_samples(&[
         "fleet_gateway_estops_total{authenticated=\"false\"} 8",
         "fleet_gateway_estops_total{authenticated=\"true\"} 1",
-    ] {
-        assert!(has_sample(&metrics, sample), "{sample}\n{metrics}");
-    }
+    ])
+    .await;
 }
 
 #[tokio::test]
 async fn a_stop_waits_for_room_in_a_full_mqtt_queue() {
     let broker = start_broker().await;
     let proxy = TcpProxy::start(broker.mqtt_addr()).await;
-    let mut config = GatewayConfig::new(proxy.addr().ip().to_string(), proxy.addr().port());
-    config.robots = vec![RobotId::new("linus").unwrap()];
-    config.probe_interval = None;
-    config.rate_limit = 1_000_000.0;
-    config.rate_burst = 1_000_000;
-    let state = fleet_gateway::connect(&config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(fleet_gateway::serve(
-        listener,
-        state.clone(),
-        std::future::pending(),
-    ));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !state.fleet.is_connected() {
-        assert!(tokio::time::Instant::now() < deadline, "gateway connects");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let http = reqwest::Client::new();
+    let gw = launch(broker, proxy.addr(), false, Limits::default(), |config| {
+        config.rate_limit = 1_000_000.0;
+        config.rate_burst = 1_000_000;
+    })
+    .await;
+    let (http, base) = (gw.http.clone(), gw.base.clone());
     // A dead route that nobody has noticed yet: the gateway's queue fills up.
     proxy.blackhole();
     let mut overloaded = false;
@@ -702,13 +687,11 @@ async fn idle_and_partial_connections_are_closed_in_time() {
     }
     let answered = kept_alive.map(|(_, text)| text).unwrap_or_default();
     assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
-    let metrics = gw.metrics().await;
-    for sample in [
+    gw.expect_samples(&[
         "fleet_http_connections_timed_out_total{phase=\"head\"} 3",
         "fleet_http_connections_timed_out_total{phase=\"body\"} 1",
-    ] {
-        assert!(has_sample(&metrics, sample), "{sample}\n{metrics}");
-    }
+    ])
+    .await;
 }
 
 #[tokio::test]
@@ -856,85 +839,11 @@ async fn an_event_stream_flood_is_capped() {
     drop(held);
 }
 
-/// A message as a robot received it: topic, JSON payload, MQTT 5 response topic.
-type Received = (String, Value, Option<String>);
-
-/// A robot's MQTT 5 client that records what it receives, with the response topic.
-struct FakeRobot {
-    client: AsyncClient,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
-}
-
-impl FakeRobot {
-    async fn start(broker: SocketAddr, id: &str, filter: &str) -> FakeRobot {
-        let mut options = MqttOptions::new(id, broker.ip().to_string(), broker.port());
-        options.set_keep_alive(Duration::from_secs(5));
-        let (client, mut eventloop) = AsyncClient::new(options, 10_000);
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (record, subscriber, filter) = (seen.clone(), client.clone(), filter.to_owned());
-        let (ready, mut subscribed) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = subscriber.subscribe(filter.clone(), QoS::AtLeastOnce).await;
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let response_topic = p.properties.and_then(|pr| pr.response_topic);
-                        let payload = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                        record.lock().unwrap().push((
-                            String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload,
-                            response_topic,
-                        ));
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(WAIT, subscribed.recv()).await.unwrap();
-        FakeRobot { client, seen }
-    }
-
-    async fn wait_for(&self, topic: &str) -> (Value, Option<String>) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let found = self
-                .seen
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(t, ..)| t == topic)
-                .map(|(_, payload, rt)| (payload.clone(), rt.clone()));
-            if let Some(found) = found {
-                return found;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "nothing on {topic}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        let properties = PublishProperties {
-            correlation_data: Some(bytes::Bytes::from_static(b"forged")),
-            ..PublishProperties::default()
-        };
-        self.client
-            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), properties)
-            .await
-            .unwrap();
-    }
-}
-
 #[tokio::test]
 async fn forged_replies_answer_nothing_and_change_nothing() {
     let gw = start(true, Limits::default(), |_| {}).await;
     // mallory is a robot (its own MQTT client); it sees the command to victim.
-    let mallory = FakeRobot::start(gw.broker.mqtt_addr(), "robot-mallory", "fleet/+/cmd/#").await;
+    let mallory = Watcher::v5(gw.broker.mqtt_addr(), "robot-mallory", "fleet/+/cmd/#").await;
     let waiting = tokio::spawn({
         let request = gw.post("/api/robots/victim/commands/drive?wait=true", "forward");
         async move {
@@ -946,9 +855,13 @@ async fn forged_replies_answer_nothing_and_change_nothing() {
             )
         }
     });
-    let (command, response_topic) = mallory.wait_for("fleet/victim/cmd/drive").await;
-    let id = command["id"].as_str().unwrap().to_owned();
-    let victims_topic = response_topic.unwrap_or_default();
+    let command = mallory
+        .wait_for("the command to victim", |m| {
+            m.topic == "fleet/victim/cmd/drive"
+        })
+        .await;
+    let id = command.json()["id"].as_str().unwrap().to_owned();
+    let victims_topic = command.response_topic.unwrap_or_default();
     // mallory's own reply topic (with one reply topic for everyone, the same one).
     let own_topic = victims_topic.replace("/victim/", "/mallory/");
     let forged = |robot: &str, id: &str| {
@@ -980,14 +893,12 @@ async fn forged_replies_answer_nothing_and_change_nothing() {
         format!("fleet/_gateway/{}/victim/result", gw.client_id),
         "the command asked victim to answer on its own reply topic"
     );
-    let metrics = gw.metrics().await;
-    for sample in [
+    gw.expect_samples(&[
         "fleet_gateway_replies_refused_total{reason=\"robot_mismatch\"} 2",
         "fleet_gateway_replies_refused_total{reason=\"unknown_id\"} 1",
         "fleet_gateway_replies_refused_total{reason=\"not_json\"} 1",
-    ] {
-        assert!(has_sample(&metrics, sample), "{sample}\n{metrics}");
-    }
+    ])
+    .await;
     // The real robots' answers still arrive, on their own reply topics.
     let (status, result) = gw
         .send(gw.post("/api/robots/linus/commands/eyes?wait=true", "on"))
@@ -996,13 +907,15 @@ async fn forged_replies_answer_nothing_and_change_nothing() {
     // A fleet-wide command carries no response topic: each robot answers on its own.
     let (status, _) = gw.send(gw.post("/api/fleet/stop", "")).await;
     assert_eq!(status, 202);
-    let (_, response_topic) = mallory.wait_for("fleet/all/cmd/stop").await;
-    assert_eq!(response_topic, None);
+    let stop = mallory
+        .wait_for("the fleet stop", |m| m.topic == "fleet/all/cmd/stop")
+        .await;
+    assert_eq!(stop.response_topic, None);
 }
 
 /// Publishes a marker in linus's state after everything `forger` sent, and waits until
 /// the gateway shows it: it has taken in everything before it by then.
-async fn settled(gw: &Gateway, forger: &FakeRobot, n: usize) {
+async fn settled(gw: &Gateway, forger: &Watcher, n: usize) {
     let marker = json!({"robot": "linus", "marker": n}).to_string();
     forger.publish("fleet/linus/state", marker).await;
     let deadline = tokio::time::Instant::now() + WAIT * 6;
@@ -1033,7 +946,7 @@ async fn a_flood_of_forged_results_and_robots_leaves_the_fleet_table_bounded() {
     .await;
     let before = gw.robots().await.len();
     let rss_before = rss_mib();
-    let forger = FakeRobot::start(gw.broker.mqtt_addr(), "robot-forger", "nothing/here").await;
+    let forger = Watcher::v5(gw.broker.mqtt_addr(), "robot-forger", "nothing/here").await;
     // Results with made-up robot ids on every topic the gateway reads results from: its
     // reply topics (the per-robot ones, and the old single one) and the robots' own.
     let shapes = [
@@ -1069,9 +982,8 @@ async fn a_flood_of_forged_results_and_robots_leaves_the_fleet_table_bounded() {
     settled(&gw, &forger, FORGED + 1).await;
     let after_states = gw.robots().await.len();
     assert_eq!(after_states, 50, "--max-robots holds");
-    let metrics = gw.metrics().await;
     let ignored = format!("fleet_gateway_robots_ignored_total {}", 200 - (50 - before));
-    assert!(has_sample(&metrics, &ignored), "{ignored}\n{metrics}");
+    gw.expect_samples(&[&ignored]).await;
 }
 
 #[tokio::test]

@@ -195,6 +195,13 @@ remote_refused() {
   [[ $rc -ne 0 && $out == *"allow-remote-anonymous"* ]]
 }
 check "the all-in-one refuses anonymous access beyond loopback" remote_refused
+open_gateway_refused() {
+  local out rc=0
+  out=$(env -u FLEET_API_TOKEN "$FLEET" --mqtt-addr 127.0.0.1:18839 --ws-addr 127.0.0.1:18088 \
+    --http-addr 0.0.0.0:18089 2>&1) || rc=$?
+  [[ $rc -ne 0 && $out == *"--allow-no-token"* ]]
+}
+check "the all-in-one refuses a gateway beyond loopback without --api-token" open_gateway_refused
 rppal_refused() {
   local out rc=0
   out=$("$NODE" --robot linus --driver rppal --metrics-addr off 2>&1) || rc=$?

@@ -54,6 +54,13 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    // Before anything starts: a gateway beyond loopback without a token is refused.
+    fleet_gateway::check_exposure(
+        args.gateway.http_addr,
+        args.gateway.api_token.as_deref(),
+        args.gateway.allow_no_token,
+    )?;
+
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
         ws_addr: Some(args.ws_addr),

@@ -31,7 +31,17 @@ async fn metrics_text(State(metrics): State<Arc<BrokerMetrics>>) -> impl IntoRes
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<BrokerMetrics>) {
-    if let Err(error) = axum::serve(listener, app(metrics)).await {
+    // With the header timeout and connection cap every fleet HTTP port has, so that idle
+    // or slow clients cannot pile up sockets here either.
+    let limits = fleet_runtime::http::HttpLimits::default();
+    let served = fleet_runtime::http::serve(
+        listener,
+        app(metrics),
+        limits,
+        fleet_runtime::http::HttpMetrics::default(),
+        std::future::pending(),
+    );
+    if let Err(error) = served.await {
         tracing::error!(%error, "the metrics endpoint stopped");
     }
 }

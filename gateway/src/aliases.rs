@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -64,13 +65,28 @@ pub fn paths() -> impl Iterator<Item = &'static str> {
         .chain(["/servoarm", "/motorpwm"])
 }
 
+/// The original stop routes. They are stops like the API's (no origin, token or rate
+/// limit check: see `guard::stop`), so they get a router of their own.
+const STOPS: [&str; 2] = ["/stop", "/stoptwo"];
+
+/// Every original route but the stops.
 pub fn router() -> Router<AppState> {
-    let mut router = Router::new()
+    let router = Router::new()
         .route("/servoarm", post(servo_arm))
         .route("/motorpwm", post(motor_pwm));
-    for (path, robot, kind, payload) in FIXED {
+    fixed(router, |path| !STOPS.contains(&path))
+}
+
+/// The original stop routes, `/stop` and `/stoptwo`.
+pub fn stop_router() -> Router<AppState> {
+    fixed(Router::new(), |path| STOPS.contains(&path))
+}
+
+fn fixed(mut router: Router<AppState>, take: impl Fn(&str) -> bool) -> Router<AppState> {
+    for (path, robot, kind, payload) in FIXED.into_iter().filter(|(path, ..)| take(path)) {
+        // A query that does not parse (`?wait=maybe`) is no reason to refuse a stop.
         let handler = move |State(state): State<AppState>,
-                            Query(query): Query<WaitQuery>,
+                            query: Result<Query<WaitQuery>, QueryRejection>,
                             headers: HeaderMap| async move {
             command_for(
                 &state,
@@ -78,7 +94,7 @@ pub fn router() -> Router<AppState> {
                 kind,
                 payload.as_bytes(),
                 &headers,
-                query.wait,
+                query.is_ok_and(|q| q.wait),
                 path,
             )
             .await

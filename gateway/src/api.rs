@@ -7,9 +7,10 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,34 +30,42 @@ const OPENAPI_JSON: &str = include_str!("openapi.json");
 
 /// The gateway's router. Built from state alone so tests can drive it with `oneshot`.
 pub fn app(state: AppState) -> Router {
-    // Anything that moves a robot: bearer token (when configured) and rate limit.
+    // Anything that moves a robot: not from another web site, bearer token (when
+    // configured) and rate limit.
     let control = Router::new()
         .route("/api/robots/{robot}/commands/{command}", post(send_command))
-        .route("/api/fleet/stop", post(fleet_stop))
         .route("/api/probe", get(probe).post(probe))
         .merge(aliases::router())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            guard::control,
-        ));
+        .route_layer(from_fn_with_state(state.clone(), guard::control));
     let open = Router::new()
         .route("/", get(index))
-        .route("/health", get(health))
-        .route("/status", get(status))
-        .route("/healthcheck", get(healthcheck))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .route("/api/openapi.json", get(openapi))
         .route("/api/robots", get(list_robots))
         .route("/api/robots/{robot}", get(get_robot))
         .route("/api/events", get(events));
-    open.merge(control)
+    // Both answer only to this gateway's Host names (DNS rebinding).
+    let named = open
+        .merge(control)
+        .route_layer(from_fn_with_state(state.clone(), guard::host));
+    // Stops are never refused: no Host, origin, token or rate-limit check; counted.
+    let stops = Router::new()
+        .route("/api/fleet/stop", post(fleet_stop))
+        .route("/api/robots/{robot}/commands/stop", post(robot_stop))
+        .merge(aliases::stop_router())
+        .route_layer(from_fn_with_state(state.clone(), guard::stop));
+    // Probes and scrapers reach these by address; they carry no control and no state.
+    let health = Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/healthcheck", get(healthcheck))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text));
+    health
+        .merge(named)
+        .merge(stops)
         .fallback(not_found)
         .with_state(state.clone())
-        .layer(axum::middleware::from_fn_with_state(
-            state.metrics.clone(),
-            metrics::track,
-        ))
+        .layer(from_fn_with_state(state.metrics.clone(), metrics::track))
         // Room for an oversized command to reach the parser and get a precise 400.
         .layer(DefaultBodyLimit::max(MAX_COMMAND_PAYLOAD * 4))
 }
@@ -217,19 +226,42 @@ pub async fn command_for(
     wait: bool,
     route: &'static str,
 ) -> Result<CommandResponse, ApiError> {
-    let Some(robot_id) = RobotId::new(robot)
-        .ok()
-        .filter(|_| state.fleet.robot(robot).is_some())
-    else {
-        return Err(unknown_robot(robot));
+    let robot_id = RobotId::new(robot).map_err(|_| unknown_robot(robot))?;
+    let known = state.fleet.robot(robot).is_some();
+    let envelope = match CommandEnvelope::parse(kind, payload) {
+        Ok(envelope) => envelope,
+        Err(_) if !known => return Err(unknown_robot(robot)),
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                e.code(),
+                e.to_string(),
+            ));
+        }
     };
-    let envelope = CommandEnvelope::parse(kind, payload)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    // A stop goes out to any valid robot id, known or not (one beyond --max-robots, one
+    // that has not reported yet): stopping a robot that is not there does no harm.
+    if !known && !commands::is_stop(&envelope.command) {
+        return Err(unknown_robot(robot));
+    }
+    send_to(state, robot_id, envelope, headers, wait, route).await
+}
+
+/// Sends a validated command to one robot.
+async fn send_to(
+    state: &AppState,
+    robot: RobotId,
+    envelope: CommandEnvelope,
+    headers: &HeaderMap,
+    wait: bool,
+    route: &'static str,
+) -> Result<CommandResponse, ApiError> {
+    let kind = envelope.command.kind();
     let topics = state.fleet.topics();
     let target = Target {
-        topic: topics.command(&robot_id, kind),
+        topic: topics.command(&robot, kind),
         template: format!("{}/+/cmd/{kind}", topics.prefix()),
-        robot: Some(robot.to_owned()),
+        robot: Some(robot),
     };
     let span = commands::http_span(route, headers, &envelope);
     let wait = wait.then_some(state.command_timeout);
@@ -253,6 +285,35 @@ fn respond(sent: Sent, kind: CommandKind) -> CommandResponse {
     }
 }
 
+/// Stops one robot, whatever the body: a stop is never refused for its payload. A body
+/// that parses keeps its id and trace context; anything else (bad JSON, an unknown
+/// field, too large, not UTF-8, unreadable) becomes a plain stop.
+async fn robot_stop(
+    State(state): State<AppState>,
+    Path(robot): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<CommandResponse, ApiError> {
+    let robot_id = RobotId::new(&robot).map_err(|_| unknown_robot(&robot))?;
+    // TODO(parse_stop): use fleet_protocol::CommandEnvelope::parse_stop(&body) once it
+    // is merged (it keeps what it can of a bad body and reports the error).
+    let envelope = body
+        .ok()
+        .and_then(|body| CommandEnvelope::parse(CommandKind::Stop, &body).ok())
+        .unwrap_or_else(|| CommandEnvelope::new(Command::Stop));
+    let wait = query.is_ok_and(|q| q.wait);
+    send_to(
+        &state,
+        robot_id,
+        envelope,
+        &headers,
+        wait,
+        "POST /api/robots/{robot}/commands/stop",
+    )
+    .await
+}
+
 /// Stops every robot (`<prefix>/all/cmd/stop`). Never waits: many robots answer.
 async fn fleet_stop(
     State(state): State<AppState>,
@@ -272,10 +333,58 @@ async fn fleet_stop(
     Ok(respond(sent, CommandKind::Stop))
 }
 
+/// Holds one of the `--max-event-streams` places while a live stream is open.
+struct StreamSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl StreamSlot {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, state: &AppState) -> Self {
+        let gauge = state.metrics.event_streams.clone();
+        gauge.inc();
+        Self {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// Server-sent events: a `snapshot` of every robot first, then each change as it happens.
+/// At most `--max-event-streams` at once (each holds a connection and a buffer); beyond
+/// that `503 too_many_streams`.
 async fn events(
     State(state): State<AppState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    let Ok(permit) = state.event_streams.clone().try_acquire_owned() else {
+        state.metrics.record_refusal("too_many_streams");
+        if let fleet_runtime::log_limit::Admission::Log { held_back } = state
+            .log_limit
+            .admit("too_many_streams", std::time::Instant::now())
+        {
+            tracing::warn!(
+                held_back,
+                "live event stream refused: too many open (see --max-event-streams)"
+            );
+        }
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            "too many live event streams are open; retry later",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("10"));
+        return Err(response);
+    };
+    let slot = StreamSlot::new(permit, &state);
     let fleet = state.fleet.clone();
     let live = BroadcastStream::new(fleet.subscribe());
     let snapshot = stream::once(snapshot_event(fleet.clone()));
@@ -298,14 +407,16 @@ async fn events(
     };
     // Browsers retry after `retry` ms when the stream ends (restart, deploy, network).
     let retry = stream::once(async { Event::default().retry(Duration::from_secs(1)) });
-    Sse::new(
-        retry
-            .chain(snapshot)
-            .chain(updates)
-            .take_until(closed)
-            .map(Ok),
-    )
-    .keep_alive(KeepAlive::default())
+    let stream = retry
+        .chain(snapshot)
+        .chain(updates)
+        .take_until(closed)
+        // The slot is given back when the stream is dropped (client gone, shutdown).
+        .map(move |event| {
+            let _open = &slot;
+            Ok(event)
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn snapshot_event(fleet: Arc<crate::Fleet>) -> Event {

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use fleet_protocol::trace::{TRACEPARENT, TRACESTATE};
-use fleet_protocol::{COMMAND_ID_PROPERTY, Command, CommandEnvelope, TraceParent};
+use fleet_protocol::{
+    COMMAND_ID_PROPERTY, Command, CommandEnvelope, Direction, RobotId, TraceParent,
+};
 use fleet_runtime::telemetry::{set_remote_parent, traceparent_of};
 use rumqttc::v5::ClientError;
 use rumqttc::v5::mqttbytes::QoS;
@@ -28,7 +30,28 @@ const PENDING_TTL: Duration = Duration::from_secs(60);
 
 struct Entry {
     sent_at: Instant,
+    /// The robot the command went to; `None` for a fleet-wide command (any robot
+    /// answers it, on its own result topic).
+    robot: Option<RobotId>,
     waiter: Option<oneshot::Sender<Value>>,
+}
+
+/// Why a result did not resolve a pending command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    /// No command with this id is awaiting a result (never sent, answered, or expired).
+    UnknownId,
+    /// The command went to another robot (or to the whole fleet, for a reply topic).
+    WrongRobot,
+}
+
+impl Unmatched {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Unmatched::UnknownId => "unknown_id",
+            Unmatched::WrongRobot => "robot_mismatch",
+        }
+    }
 }
 
 /// Commands this gateway sent whose result has not come back yet.
@@ -42,8 +65,13 @@ impl Pending {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts tracking `id`. Returns false when the table is full.
-    fn track(&self, id: &str, waiter: Option<oneshot::Sender<Value>>) -> bool {
+    /// Starts tracking `id`, sent to `robot`. Returns false when the table is full.
+    fn track(
+        &self,
+        id: &str,
+        robot: Option<RobotId>,
+        waiter: Option<oneshot::Sender<Value>>,
+    ) -> bool {
         let mut entries = self.lock();
         if entries.len() >= MAX_PENDING {
             entries.retain(|_, e| e.sent_at.elapsed() < PENDING_TTL);
@@ -55,6 +83,7 @@ impl Pending {
             id.to_owned(),
             Entry {
                 sent_at: Instant::now(),
+                robot,
                 waiter,
             },
         );
@@ -65,14 +94,34 @@ impl Pending {
         self.lock().remove(id);
     }
 
-    /// A result arrived: hands it to a waiting request and returns how long it took.
-    pub fn resolve(&self, id: &str, result: &Value) -> Option<(Duration, bool)> {
-        let entry = self.lock().remove(id)?;
+    /// A result from `robot` arrived: when the command `id` went to that robot (or,
+    /// with `fleet_wide`, to the whole fleet), hands it to a waiting request and returns
+    /// how long it took and whether someone waited. Anything else leaves the table as it
+    /// is, so a result from one robot can never answer a command to another.
+    pub fn resolve(
+        &self,
+        id: &str,
+        robot: &str,
+        fleet_wide: bool,
+        result: &Value,
+    ) -> Result<(Duration, bool), Unmatched> {
+        let entry = {
+            let mut entries = self.lock();
+            let entry = entries.get(id).ok_or(Unmatched::UnknownId)?;
+            let agrees = match &entry.robot {
+                Some(sent_to) => sent_to.as_str() == robot,
+                None => fleet_wide,
+            };
+            if !agrees {
+                return Err(Unmatched::WrongRobot);
+            }
+            entries.remove(id).ok_or(Unmatched::UnknownId)?
+        };
         let waited = entry.waiter.is_some();
         if let Some(waiter) = entry.waiter {
             let _ = waiter.send(result.clone());
         }
-        Some((entry.sent_at.elapsed(), waited))
+        Ok((entry.sent_at.elapsed(), waited))
     }
 
     pub fn len(&self) -> usize {
@@ -90,7 +139,20 @@ pub struct Target {
     /// The topic with the robot replaced by `+` (metrics and span names).
     pub template: String,
     /// The robot, or `None` for the whole fleet.
-    pub robot: Option<String>,
+    pub robot: Option<RobotId>,
+}
+
+/// Whether a command stops a robot: such a command is never refused for load (it waits
+/// for room in the MQTT queue instead) and never waits in vain for a full table.
+pub fn is_stop(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Stop
+            | Command::Drive {
+                direction: Direction::Stop,
+                ..
+            }
+    )
 }
 
 /// What a sent command turned into.
@@ -107,6 +169,10 @@ pub enum Sent {
 /// Publishes a command (QoS 1, not retained) in its canonical JSON form, with the command
 /// id, trace context, expiry, response topic and correlation data as MQTT 5 properties.
 /// With `wait`, waits that long for the robot's result (504 when it does not come).
+///
+/// The response topic is the addressed robot's own reply topic of this gateway; a
+/// fleet-wide command has none (every robot answers on its own result topic), so no
+/// robot is ever asked to answer on another's topic.
 pub async fn send(
     state: &AppState,
     target: Target,
@@ -115,11 +181,7 @@ pub async fn send(
     wait: Option<Duration>,
 ) -> Result<Sent, ApiError> {
     if !state.fleet.is_connected() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker_unavailable",
-            "the gateway is not connected to the MQTT broker",
-        ));
+        return Err(broker_unavailable());
     }
     let id = envelope
         .id
@@ -158,57 +220,71 @@ pub async fn send(
         message_expiry_interval: expiry_seconds(&envelope.command),
         payload_format_indicator: Some(1),
         content_type: Some("application/json".to_owned()),
-        response_topic: Some(state.reply_topic.clone()),
+        response_topic: target
+            .robot
+            .as_ref()
+            .map(|robot| state.fleet.topics().gateway_reply(&state.instance, robot)),
         correlation_data: Some(Bytes::from(id.clone())),
         user_properties,
         ..PublishProperties::default()
     };
     let command = envelope.command.kind();
+    let stop = is_stop(&envelope.command);
     let payload = envelope.to_json().to_string();
 
-    let (waiter, answer) = match wait {
+    let (waiter, mut answer) = match wait {
         Some(timeout) => {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some((rx, timeout)))
         }
         None => (None, None),
     };
-    if !state.pending.track(&id, waiter) && wait.is_some() {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "overloaded",
-            "too many commands awaiting results; retry shortly",
-        ));
+    if !state.pending.track(&id, target.robot.clone(), waiter) && wait.is_some() {
+        if !stop {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                "too many commands awaiting results; retry shortly",
+            ));
+        }
+        // A stop goes out all the same; nobody can wait for its result then.
+        answer = None;
     }
-    // Never wait for room in the MQTT queue: a full queue is an overload, answered at once.
-    let queued = {
+    let queued = if stop {
+        queue_stop(state, &target.topic, payload, properties)
+            .instrument(producer.clone())
+            .await
+    } else {
+        // Never wait for room in the MQTT queue: a full queue is an overload, answered
+        // at once.
         let _in_producer = producer.enter();
-        state.mqtt.try_publish_with_properties(
-            target.topic.clone(),
-            QoS::AtLeastOnce,
-            false,
-            payload,
-            properties,
-        )
+        state
+            .mqtt
+            .try_publish_with_properties(
+                target.topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                properties,
+            )
+            .map_err(|error| match error {
+                ClientError::TryRequest(_) => ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "overloaded",
+                    "the gateway's MQTT queue is full; retry shortly",
+                ),
+                other => cannot_queue(&other),
+            })
     };
     if let Err(error) = queued {
         state.pending.forget(&id);
-        return Err(match error {
-            ClientError::TryRequest(_) => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
-                "the gateway's MQTT queue is full; retry shortly",
-            ),
-            other => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "broker_unavailable",
-                format!("cannot queue the command: {other}"),
-            ),
-        });
+        return Err(error);
     }
-    state
-        .metrics
-        .record_command(command.as_str(), &target.template, target.robot.as_deref());
+    state.metrics.record_command(
+        command.as_str(),
+        &target.template,
+        target.robot.as_ref().map(RobotId::as_str),
+    );
     tracing::info!(topic = %target.topic, %id, trace_id = %traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(), "command published");
 
     let Some((answer, timeout)) = answer else {
@@ -231,6 +307,45 @@ pub async fn send(
             ))
         }
     }
+}
+
+/// Queues a stop, waiting for room in the MQTT client's queue when it is full (a stop is
+/// never refused for load), unless the broker link goes down meanwhile: then nothing can
+/// be sent, and the robots stop by themselves on losing the link.
+async fn queue_stop(
+    state: &AppState,
+    topic: &str,
+    payload: String,
+    properties: PublishProperties,
+) -> Result<(), ApiError> {
+    let publish = state.mqtt.publish_with_properties(
+        topic.to_owned(),
+        QoS::AtLeastOnce,
+        false,
+        payload,
+        properties,
+    );
+    let mut link = state.fleet.link();
+    tokio::select! {
+        queued = publish => queued.map_err(|error| cannot_queue(&error)),
+        _ = link.wait_for(|up| !up) => Err(broker_unavailable()),
+    }
+}
+
+fn broker_unavailable() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        "the gateway is not connected to the MQTT broker",
+    )
+}
+
+fn cannot_queue(error: &ClientError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        format!("cannot queue the command: {error}"),
+    )
 }
 
 /// How long a command may wait in a robot's queue (while it is briefly offline) before

@@ -1,19 +1,40 @@
-//! What control requests (anything that moves a robot) must pass: the bearer token when
-//! one is configured, and a per-client rate limit. Read-only routes and the page are open.
+//! What requests must pass before they reach a handler.
+//!
+//! - Every route but health and metrics: the `Host` header must name this gateway
+//!   ([`host`]): on a loopback address only loopback names and `--allowed-hosts`, so that
+//!   a web page whose DNS name is switched to 127.0.0.1 (DNS rebinding) is refused.
+//! - Control routes (anything that moves a robot, [`control`]): no request from another
+//!   web site (`Origin`, `Sec-Fetch-Site`, and for GET the `Referer`), the bearer token
+//!   when one is configured, and a per-client rate limit.
+//! - Stops ([`stop`]) pass without any of that: a stop is never refused (anyone who can
+//!   reach the gateway can stop the robots, like pressing a physical e-stop button, and a
+//!   hostile page can only make them stop), but each is counted and logged with the
+//!   client address.
+//!
+//! Read-only routes and the page need no token.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
 use crate::api::ApiError;
-use fleet_runtime::log_limit::Admission;
+use fleet_runtime::log_limit::{Admission, quoted};
+
+/// `Sec-Fetch-Site`: where the browser says the request comes from (`same-origin`,
+/// `same-site`, `cross-site`, or `none` for an address typed or bookmarked).
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
+/// The longest header value quoted in a log line.
+const MAX_LOGGED: usize = 100;
 
 /// Clients tracked by the rate limiter; idle ones are dropped first.
 const MAX_CLIENTS: usize = 10_000;
@@ -88,41 +109,273 @@ fn client_ip(request: &Request) -> IpAddr {
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
-/// Middleware for control routes.
+/// Which `Host` values and web origins this gateway answers control requests from.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// The gateway listens on a loopback address: only loopback names and
+    /// `allowed_hosts` may appear in `Host`.
+    pub loopback: bool,
+    /// `--allowed-hosts`. Beyond loopback they are enforced only when there are some: the
+    /// gateway cannot know every name it is reached by (Service names, an Ingress host,
+    /// node addresses), and there the bearer token, required beyond loopback, is what
+    /// keeps strangers out.
+    pub allowed_hosts: Vec<HostPattern>,
+    /// `--allowed-origins`: pages besides the gateway's own that may send control
+    /// requests.
+    pub allowed_origins: Vec<AllowedOrigin>,
+}
+
+impl Policy {
+    /// The same policy for a gateway serving on `addr`.
+    pub fn for_listener(&self, addr: SocketAddr) -> Self {
+        Self {
+            loopback: addr.ip().is_loopback(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether a `Host` header value (or a request target's authority) names this
+    /// gateway. Loopback names are always fine: a page can only make a browser send them
+    /// from the operator's own machine, never through DNS.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let Some((name, port)) = split_host(host) else {
+            return false;
+        };
+        is_loopback_name(&name)
+            || self.allowed_hosts.iter().any(|p| p.matches(&name, port))
+            || (!self.loopback && self.allowed_hosts.is_empty())
+    }
+
+    /// Whether `origin` (`scheme://host[:port]`) is the gateway's own (the request's
+    /// `Host`, over http or https: behind a TLS proxy the page is https) or allowed.
+    fn own_origin(&self, origin: &str, host: Option<&str>) -> bool {
+        let origin = origin.trim().to_ascii_lowercase();
+        if self.allowed_origins.iter().any(|o| o.0 == origin) {
+            return true;
+        }
+        let Some(host) = host else {
+            return false;
+        };
+        let host = host.trim().to_ascii_lowercase();
+        ["http://", "https://"]
+            .iter()
+            .any(|scheme| origin.strip_prefix(scheme) == Some(host.as_str()))
+    }
+
+    /// What makes `headers` look like a request another web site made the browser send,
+    /// if anything. Requests without `Origin` and `Sec-Fetch-*` (curl, scripts) pass.
+    fn foreign(&self, method: &Method, headers: &HeaderMap) -> Option<String> {
+        let text = |name: HeaderName| {
+            headers
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned())
+        };
+        let host = text(header::HOST);
+        if let Some(origin) = text(header::ORIGIN)
+            && !self.own_origin(&origin, host.as_deref())
+        {
+            return Some(format!("Origin: {origin}"));
+        }
+        match text(SEC_FETCH_SITE) {
+            Some(site) if matches!(site.as_str(), "cross-site" | "same-site") => {
+                Some(format!("Sec-Fetch-Site: {site}"))
+            }
+            Some(_) => None,
+            // A browser without Fetch Metadata (older Safari): a link or an <img> on
+            // another page still names that page in Referer (unless it hides it).
+            None if method == Method::GET || method == Method::HEAD => {
+                let referer = text(header::REFERER)?;
+                let own = origin_of_url(&referer)
+                    .is_some_and(|origin| self.own_origin(origin, host.as_deref()));
+                (!own).then(|| format!("Referer: {referer}"))
+            }
+            None => None,
+        }
+    }
+}
+
+/// An entry of `--allowed-hosts`: a host name or address, with or without a port
+/// (`fleet.example.com`, `192.168.1.20:8080`, `[fd00::1]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    name: String,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    fn matches(&self, name: &str, port: Option<u16>) -> bool {
+        self.name == name && (self.port.is_none() || self.port == port)
+    }
+}
+
+impl FromStr for HostPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, port) = split_host(s)
+            .ok_or_else(|| format!("{s:?} is not a host name or address, with or without :port"))?;
+        Ok(Self { name, port })
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = if self.name.contains(':') {
+            format!("[{}]", self.name)
+        } else {
+            self.name.clone()
+        };
+        match self.port {
+            Some(port) => write!(f, "{name}:{port}"),
+            None => f.write_str(&name),
+        }
+    }
+}
+
+/// An entry of `--allowed-origins`: `http://host[:port]` or `https://host[:port]`, as a
+/// browser sends it in `Origin` (no path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedOrigin(String);
+
+impl FromStr for AllowedOrigin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let origin = s.trim().trim_end_matches('/').to_ascii_lowercase();
+        let valid = ["http://", "https://"]
+            .iter()
+            .find_map(|scheme| origin.strip_prefix(scheme))
+            .is_some_and(|authority| split_host(authority).is_some());
+        if valid {
+            Ok(Self(origin))
+        } else {
+            Err(format!(
+                "{s:?} is not an origin (http://host[:port] or https://host[:port])"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for AllowedOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Splits `host[:port]` / `[v6][:port]` into a lower-case name (no brackets, no final
+/// dot) and the port. `None` for anything else.
+fn split_host(value: &str) -> Option<(String, Option<u16>)> {
+    let value = value.trim();
+    let (name, port) = match value.strip_prefix('[') {
+        Some(rest) => {
+            let (inside, after) = rest.split_once(']')?;
+            inside.parse::<std::net::Ipv6Addr>().ok()?;
+            (inside, after)
+        }
+        None => value.find(':').map_or((value, ""), |i| value.split_at(i)),
+    };
+    let port = match port {
+        "" => None,
+        port => Some(port.strip_prefix(':')?.parse::<u16>().ok()?),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':');
+    (!name.is_empty() && name.chars().all(valid)).then_some((name, port))
+}
+
+fn is_loopback_name(name: &str) -> bool {
+    name == "localhost"
+        || name
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// `scheme://authority` of an absolute URL.
+fn origin_of_url(url: &str) -> Option<&str> {
+    let after_scheme = url.find("://")? + 3;
+    let end = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after_scheme + i);
+    Some(&url[..end])
+}
+
+/// Counts, logs (a few per window) and answers a refused request.
+fn refuse(
+    state: &AppState,
+    request: &Request,
+    status: StatusCode,
+    code: &'static str,
+    message: &'static str,
+    detail: Option<&str>,
+) -> Response {
+    state.metrics.record_refusal(code);
+    if let Admission::Log { held_back } = state.log_limit.admit(code, Instant::now()) {
+        let detail = detail.map(|d| quoted(d, MAX_LOGGED)).unwrap_or_default();
+        tracing::warn!(client = %client_ip(request), path = %request.uri().path(), %detail, held_back, "request refused: {message}");
+    }
+    ApiError::new(status, code, message).into_response()
+}
+
+/// Middleware for every route but health and metrics (which probes and scrapers reach
+/// by address, and which carry no control and no robot state): the `Host` must name
+/// this gateway.
+pub async fn host(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let headers = request.headers().get_all(header::HOST);
+    let mut names = headers
+        .iter()
+        .map(|v| v.to_str().unwrap_or("<not ASCII>").to_owned())
+        .chain(request.uri().authority().map(ToString::to_string));
+    let several = headers.iter().nth(1).is_some();
+    // No Host at all is no browser (every browser sends one): curl -0, raw sockets.
+    if let Some(bad) = names.find(|name| several || !state.guard.host_allowed(name)) {
+        return refuse(
+            &state,
+            &request,
+            StatusCode::MISDIRECTED_REQUEST,
+            "forbidden_host",
+            "this gateway does not answer to that Host name (see --allowed-hosts)",
+            Some(&bad),
+        );
+    }
+    next.run(request).await
+}
+
+/// Middleware for control routes: no other web site, the token, the rate limit.
 pub async fn control(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(foreign) = state.guard.foreign(request.method(), request.headers()) {
+        return refuse(
+            &state,
+            &request,
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "control requests from other web sites are refused (see --allowed-origins)",
+            Some(&foreign),
+        );
+    }
     if let Some(expected) = state.api_token.as_deref()
         && !bearer(request.headers()).is_some_and(|given| same_secret(given, expected))
     {
-        state.metrics.record_refusal("unauthorized");
-        if let Admission::Log { held_back } = state.log_limit.admit("unauthorized", Instant::now())
-        {
-            tracing::warn!(client = %client_ip(&request), path = %request.uri().path(), held_back, "control request refused: missing or wrong bearer token");
-        }
-        let mut response = ApiError::new(
+        let mut response = refuse(
+            &state,
+            &request,
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "this gateway needs a bearer token for control requests (Authorization: Bearer <token>)",
-        )
-        .into_response();
+            None,
+        );
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
         );
         return response;
     }
-    let client = client_ip(&request);
-    if !state.limiter.allow(client) {
-        state.metrics.record_refusal("rate_limited");
-        if let Admission::Log { held_back } = state.log_limit.admit("rate_limited", Instant::now())
-        {
-            tracing::warn!(%client, path = %request.uri().path(), held_back, "control request refused: over the rate limit");
-        }
-        let mut response = ApiError::new(
+    if !state.limiter.allow(client_ip(&request)) {
+        let mut response = refuse(
+            &state,
+            &request,
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             "too many control requests from this client; slow down",
-        )
-        .into_response();
+            None,
+        );
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
@@ -131,9 +384,165 @@ pub async fn control(State(state): State<AppState>, request: Request, next: Next
     next.run(request).await
 }
 
+/// Middleware for stops: nothing is checked (no Host, origin, token or rate limit: a
+/// stop is never refused), every one is counted and logged with who sent it.
+pub async fn stop(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let authenticated = state.api_token.as_deref().is_some_and(|expected| {
+        bearer(request.headers()).is_some_and(|given| same_secret(given, expected))
+    });
+    state.metrics.record_estop(authenticated);
+    if let Admission::Log { held_back } = state.log_limit.admit("estop", Instant::now()) {
+        tracing::info!(client = %client_ip(&request), path = %request.uri().path(), authenticated, held_back, "e-stop requested");
+    }
+    next.run(request).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy(loopback: bool, hosts: &[&str], origins: &[&str]) -> Policy {
+        Policy {
+            loopback,
+            allowed_hosts: hosts.iter().map(|h| h.parse().unwrap()).collect(),
+            allowed_origins: origins.iter().map(|o| o.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn loopback_gateways_answer_loopback_names_and_allowed_hosts() {
+        let p = policy(true, &["fleet.lan", "pi.local:8080"], &[]);
+        for good in [
+            "localhost",
+            "LOCALHOST:8080",
+            "localhost.",
+            "127.0.0.1",
+            "127.8.9.10:1",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]",
+            "fleet.lan",
+            "fleet.lan:9999",
+            "pi.local:8080",
+        ] {
+            assert!(p.host_allowed(good), "{good}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "pi.local:8081",
+            "pi.local",
+            "0.0.0.0:8080",
+            "192.168.1.2",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "[::1",
+            "::1",
+            "localhost:80:80",
+            "localhost:x",
+            "",
+            "a b",
+            "<not ASCII>",
+        ] {
+            assert!(!p.host_allowed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn beyond_loopback_the_host_list_applies_only_when_given() {
+        assert!(policy(false, &[], &[]).host_allowed("fleet-gateway:8080"));
+        let p = policy(false, &["fleet.example.com"], &[]);
+        assert!(p.host_allowed("fleet.example.com"));
+        assert!(p.host_allowed("localhost:8080"), "kubectl port-forward");
+        assert!(!p.host_allowed("evil.example"));
+    }
+
+    #[test]
+    fn requests_from_other_sites_are_recognised() {
+        let p = policy(true, &[], &["https://ops.example.com/"]);
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            map.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+            for (k, v) in pairs {
+                map.insert(*k, v.parse().unwrap());
+            }
+            map
+        };
+        let post = Method::POST;
+        let get = Method::GET;
+        // curl, scripts, the page itself, a typed address.
+        assert_eq!(p.foreign(&post, &headers(&[])), None);
+        let own = [
+            ("origin", "http://127.0.0.1:8080"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert_eq!(p.foreign(&post, &headers(&own)), None);
+        assert_eq!(
+            p.foreign(&post, &headers(&[("origin", "https://127.0.0.1:8080")])),
+            None,
+            "behind a TLS proxy"
+        );
+        assert_eq!(
+            p.foreign(&get, &headers(&[("sec-fetch-site", "none")])),
+            None
+        );
+        assert_eq!(
+            p.foreign(&post, &headers(&[("origin", "https://OPS.example.com")])),
+            None
+        );
+        assert_eq!(
+            p.foreign(&get, &headers(&[("referer", "http://127.0.0.1:8080/?x")])),
+            None
+        );
+        // Other sites.
+        for bad in [
+            vec![("origin", "http://evil.example")],
+            vec![("origin", "null")],
+            vec![("origin", "http://127.0.0.1:8081")],
+            vec![("sec-fetch-site", "cross-site")],
+            vec![("sec-fetch-site", "same-site")],
+            vec![
+                ("origin", "http://127.0.0.1:8080"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+        ] {
+            assert!(p.foreign(&post, &headers(&bad)).is_some(), "{bad:?}");
+        }
+        let from_evil = headers(&[("referer", "http://evil.example/page")]);
+        assert!(p.foreign(&get, &from_evil).is_some());
+        assert_eq!(
+            p.foreign(&post, &from_evil),
+            None,
+            "POST is judged by Origin"
+        );
+        let evil_host = headers(&[("referer", "http://127.0.0.1:8080.evil.example/")]);
+        assert!(p.foreign(&get, &evil_host).is_some());
+    }
+
+    #[test]
+    fn flag_values_are_checked() {
+        for good in [
+            "fleet.example.com",
+            "10.0.0.5:8080",
+            "[fd00::1]",
+            "[fd00::1]:80",
+        ] {
+            let pattern: HostPattern = good.parse().unwrap();
+            assert_eq!(pattern.to_string(), good);
+        }
+        for bad in ["", "a/b", "host:", "host:99999", "http://host", "[nope]"] {
+            assert!(bad.parse::<HostPattern>().is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            "HTTPS://Fleet.Example.com/"
+                .parse::<AllowedOrigin>()
+                .unwrap()
+                .to_string(),
+            "https://fleet.example.com"
+        );
+        for bad in ["fleet.example.com", "ftp://x", "https://", "https://x/path"] {
+            assert!(bad.parse::<AllowedOrigin>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn buckets_refill_at_the_rate() {

@@ -15,15 +15,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_protocol::{RobotId, Topics};
+use fleet_runtime::http::HttpLimits;
 use fleet_runtime::log_limit::{LogLimiter, report_held_back};
 use rumqttc::v5::AsyncClient;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 pub use api::app;
 use commands::Pending;
 pub use fleet::{Fleet, RobotView};
-use guard::RateLimiter;
+use guard::{AllowedOrigin, HostPattern, Policy, RateLimiter};
 pub use metrics::Metrics;
+
+/// Default of `--max-event-streams`: far more browsers than a fleet has operators, few
+/// enough that a flood of streams stays within a few MiB.
+pub const DEFAULT_MAX_EVENT_STREAMS: usize = 256;
 
 /// The gateway's own command-line flags, shared by `fleet-gateway` and the all-in-one.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +70,64 @@ pub struct GatewayArgs {
     /// MQTT password
     #[arg(long, env = "FLEET_MQTT_PASSWORD", hide_env_values = true)]
     pub mqtt_password: Option<String>,
+    /// Start without --api-token although --http-addr is not a loopback address (anyone
+    /// who can reach the port can then drive the robots); logged as a warning
+    #[arg(long, env = "FLEET_ALLOW_NO_TOKEN")]
+    pub allow_no_token: bool,
+    /// Host names the gateway answers to besides loopback names (localhost, 127.0.0.0/8,
+    /// [::1]), comma-separated, each with or without :port. On a loopback --http-addr any
+    /// other Host is refused (421, DNS rebinding); beyond loopback the list is enforced
+    /// only when given. Health and metrics routes answer any Host
+    #[arg(long, env = "FLEET_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<HostPattern>,
+    /// Web origins (http[s]://host[:port], comma-separated) whose pages may send control
+    /// requests besides the gateway's own page; requests from other sites are refused
+    /// (403). Stops are never refused
+    #[arg(long, env = "FLEET_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<AllowedOrigin>,
+    /// Seconds a connection has to send a complete request head (from its connect or
+    /// the end of its previous response: idle keep-alive connections are closed after
+    /// it) and then its body
+    #[arg(long, env = "FLEET_HTTP_HEADER_TIMEOUT_S", default_value_t = 15)]
+    pub http_header_timeout_s: u64,
+    /// HTTP connections served at once; beyond it new connections are closed at once
+    #[arg(long, env = "FLEET_HTTP_MAX_CONNECTIONS", default_value_t = fleet_runtime::http::DEFAULT_MAX_CONNECTIONS)]
+    pub http_max_connections: usize,
+    /// Live event streams (GET /api/events) open at once; beyond it 503 too_many_streams
+    #[arg(long, env = "FLEET_MAX_EVENT_STREAMS", default_value_t = DEFAULT_MAX_EVENT_STREAMS)]
+    pub max_event_streams: usize,
+    /// Robots the gateway keeps track of (those in --robots count); further robots seen
+    /// on state and status topics are ignored, counted and logged
+    #[arg(long, env = "FLEET_MAX_ROBOTS", default_value_t = fleet::DEFAULT_MAX_ROBOTS)]
+    pub max_robots: usize,
+}
+
+/// A configuration the gateway refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--http-addr {0} is not a loopback address and no --api-token is set: anyone who can \
+         reach it could drive the robots. Set --api-token (FLEET_API_TOKEN), listen on \
+         127.0.0.1, or pass --allow-no-token (FLEET_ALLOW_NO_TOKEN) to accept that"
+    )]
+    NoToken(SocketAddr),
+}
+
+/// Refuses to serve beyond loopback without a token, unless told to (then warns).
+pub fn check_exposure(
+    http_addr: SocketAddr,
+    api_token: Option<&str>,
+    allow_no_token: bool,
+) -> Result<(), ConfigError> {
+    let exposed = !http_addr.ip().is_loopback() && api_token.is_none_or(str::is_empty);
+    match (exposed, allow_no_token) {
+        (false, _) => Ok(()),
+        (true, false) => Err(ConfigError::NoToken(http_addr)),
+        (true, true) => {
+            tracing::warn!(%http_addr, "serving beyond loopback without --api-token (--allow-no-token): anyone who can reach this address can drive the robots");
+            Ok(())
+        }
+    }
 }
 
 /// Everything the gateway needs to start.
@@ -89,6 +153,16 @@ pub struct GatewayConfig {
     pub credentials: Option<(String, String)>,
     /// Connect over TLS, trusting this CA; plain TCP when `None`.
     pub tls: Option<fleet_runtime::mqtt_tls::MqttTls>,
+    /// Start beyond loopback without `api_token` (see [`check_exposure`]).
+    pub allow_no_token: bool,
+    /// Host names besides loopback names (see [`guard::Policy`]).
+    pub allowed_hosts: Vec<HostPattern>,
+    /// Other web origins whose pages may send control requests.
+    pub allowed_origins: Vec<AllowedOrigin>,
+    /// Timeouts and the connection cap of the HTTP server.
+    pub http: HttpLimits,
+    pub max_event_streams: usize,
+    pub max_robots: usize,
 }
 
 impl GatewayConfig {
@@ -110,6 +184,15 @@ impl GatewayConfig {
                 .then(|| Duration::from_secs(args.probe_interval_s)),
             probe_timeout: Duration::from_millis(args.probe_timeout_ms.max(1)),
             credentials: args.mqtt_username.clone().zip(args.mqtt_password.clone()),
+            allow_no_token: args.allow_no_token,
+            allowed_hosts: args.allowed_hosts.clone(),
+            allowed_origins: args.allowed_origins.clone(),
+            http: HttpLimits {
+                header_timeout: Duration::from_secs(args.http_header_timeout_s.max(1)),
+                max_connections: args.http_max_connections.max(1),
+            },
+            max_event_streams: args.max_event_streams,
+            max_robots: args.max_robots,
             ..Self::new(broker_host, broker_port)
         }
     }
@@ -130,7 +213,22 @@ impl GatewayConfig {
             probe_timeout: Duration::from_secs(2),
             credentials: None,
             tls: None,
+            allow_no_token: false,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            http: HttpLimits::default(),
+            max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
+            max_robots: fleet::DEFAULT_MAX_ROBOTS,
         }
+    }
+
+    /// Refuses a configuration that would let strangers drive the robots.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_exposure(
+            self.http_addr,
+            self.api_token.as_deref(),
+            self.allow_no_token,
+        )
     }
 }
 
@@ -140,8 +238,9 @@ pub struct AppState {
     pub fleet: Arc<Fleet>,
     pub metrics: Arc<Metrics>,
     pub mqtt: AsyncClient,
-    /// Where robots send results for this gateway's commands (MQTT 5 response topic).
-    pub reply_topic: String,
+    /// This gateway's MQTT client id: it names the reply topics robots answer its
+    /// commands on (`<prefix>/_gateway/<instance>/<robot>/result`).
+    pub instance: Arc<str>,
     pub pending: Arc<Pending>,
     pub command_timeout: Duration,
     pub probe_timeout: Duration,
@@ -152,13 +251,22 @@ pub struct AppState {
     pub closing: Arc<tokio::sync::watch::Sender<bool>>,
     /// Refused requests log a few lines per window, then only counts.
     pub log_limit: Arc<LogLimiter>,
+    /// Which Host names and web origins are this gateway's.
+    pub guard: Arc<Policy>,
+    /// One permit per live event stream that may be open.
+    pub event_streams: Arc<Semaphore>,
+    /// The HTTP server's limits (used by [`serve`]).
+    pub http: HttpLimits,
 }
 
 /// Creates the gateway's state and starts its MQTT link in the background.
 pub fn connect(config: &GatewayConfig) -> AppState {
-    let fleet = Arc::new(Fleet::new(config.topics.clone(), &config.robots));
+    let fleet = Arc::new(Fleet::with_capacity(
+        config.topics.clone(),
+        &config.robots,
+        config.max_robots,
+    ));
     let metrics = Arc::new(Metrics::default());
-    let reply_topic = config.topics.gateway_replies(&config.client_id);
     let mut options = fleet::mqtt_options(
         &config.client_id,
         &config.broker_host,
@@ -170,26 +278,35 @@ pub fn connect(config: &GatewayConfig) -> AppState {
     }
     let (mqtt, eventloop) = AsyncClient::new(options, 1024);
     let pending = Arc::new(Pending::default());
-    tokio::spawn(fleet::drive_link(
-        eventloop,
-        mqtt.clone(),
-        fleet.clone(),
-        pending.clone(),
-        reply_topic.clone(),
-        metrics.clone(),
-    ));
+    let log_limit = Arc::new(LogLimiter::default());
+    let bus = fleet::Bus {
+        fleet: fleet.clone(),
+        pending: pending.clone(),
+        metrics: metrics.clone(),
+        log_limit: log_limit.clone(),
+        instance: config.client_id.clone(),
+        reply_prefix: format!("{}/_gateway/{}/", config.topics.prefix(), config.client_id),
+    };
+    tokio::spawn(fleet::drive_link(eventloop, mqtt.clone(), bus));
     let state = AppState {
         fleet,
         metrics,
         mqtt,
-        reply_topic,
+        instance: Arc::from(config.client_id.as_str()),
         pending,
         command_timeout: config.command_timeout,
         probe_timeout: config.probe_timeout,
         api_token: config.api_token.as_deref().map(Arc::from),
         limiter: Arc::new(RateLimiter::new(config.rate_limit, config.rate_burst)),
         closing: Arc::new(tokio::sync::watch::Sender::new(false)),
-        log_limit: Arc::new(LogLimiter::default()),
+        log_limit,
+        guard: Arc::new(Policy {
+            loopback: config.http_addr.ip().is_loopback(),
+            allowed_hosts: config.allowed_hosts.clone(),
+            allowed_origins: config.allowed_origins.clone(),
+        }),
+        event_streams: Arc::new(Semaphore::new(config.max_event_streams)),
+        http: config.http,
     };
     let (log_limit, mut closing) = (state.log_limit.clone(), state.closing.subscribe());
     tokio::spawn(async move {
@@ -204,25 +321,23 @@ pub fn connect(config: &GatewayConfig) -> AppState {
     state
 }
 
-/// Serves the app on `listener` until `shutdown` completes.
+/// Serves the app on `listener` until `shutdown` completes, within the state's HTTP
+/// limits. Whether the Host check allows only loopback names follows the address
+/// actually listened on.
 pub async fn serve(
     listener: TcpListener,
-    state: AppState,
+    mut state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    state.guard = Arc::new(state.guard.for_listener(listener.local_addr()?));
     let closing = state.closing.clone();
     let shutdown = async move {
         shutdown.await;
         // Live streams never end by themselves; a graceful shutdown waits for them.
         closing.send_replace(true);
     };
-    // The client address feeds the per-client rate limit.
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let (limits, metrics) = (state.http, state.metrics.http.clone());
+    fleet_runtime::http::serve(listener, app(state), limits, metrics, shutdown).await
 }
 
 /// Binds `config.http_addr`, connects to the broker and serves until `shutdown`.
@@ -230,6 +345,7 @@ pub async fn run(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    config.check()?;
     let listener = TcpListener::bind(config.http_addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e}", config.http_addr))?;

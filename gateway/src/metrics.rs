@@ -50,6 +50,12 @@ struct ReasonLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EstopLabels {
+    /// `true` when the request carried the right bearer token (stops need none).
+    authenticated: String,
+}
+
 /// Per-robot series stop here; later robots share the `other` series.
 const MAX_ROBOT_SERIES: usize = 100;
 
@@ -76,6 +82,12 @@ pub struct Metrics {
     robot_probe_seconds: Family<RobotLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     robot_series: std::sync::Mutex<std::collections::HashSet<String>>,
     pub broker_connected: Gauge,
+    estops: Family<EstopLabels, Counter>,
+    replies_refused: Family<ReasonLabels, Counter>,
+    robots_ignored: Counter,
+    pub event_streams: Gauge,
+    /// Connections of the HTTP server (`fleet_runtime::http`).
+    pub http: fleet_runtime::http::HttpMetrics,
 }
 
 impl Default for Metrics {
@@ -120,7 +132,7 @@ impl Default for Metrics {
         let refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "fleet_gateway_requests_refused",
-            "Control requests refused before publishing, by reason (unauthorized, rate_limited, overloaded)",
+            "Requests refused before publishing, by reason (forbidden_host, forbidden_origin, unauthorized, rate_limited, too_many_streams)",
             refused.clone(),
         );
         let robot_up = Family::<RobotLabels, Gauge>::default();
@@ -148,6 +160,40 @@ impl Default for Metrics {
             "1 while the gateway is connected to the broker",
             broker_connected.clone(),
         );
+        let estops = Family::<EstopLabels, Counter>::default();
+        // Both series from the start: an alert on unauthenticated stops sees the first.
+        for authenticated in ["true", "false"] {
+            estops
+                .get_or_create(&EstopLabels {
+                    authenticated: authenticated.to_owned(),
+                })
+                .inc_by(0);
+        }
+        registry.register(
+            "fleet_gateway_estops",
+            "Stop requests received over HTTP (fleet and robot stops, /stop, /stoptwo), by whether they carried the bearer token",
+            estops.clone(),
+        );
+        let replies_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "fleet_gateway_replies_refused",
+            "Results on this gateway's reply topics that answered no awaited command, by reason (bad_topic, not_json, robot_mismatch; unknown_id: late after a timeout, sent untracked, or made up)",
+            replies_refused.clone(),
+        );
+        let robots_ignored = Counter::default();
+        registry.register(
+            "fleet_gateway_robots_ignored",
+            "Messages from robots not in the fleet table that were ignored because it holds --max-robots robots",
+            robots_ignored.clone(),
+        );
+        let event_streams = Gauge::default();
+        registry.register(
+            "fleet_gateway_event_streams",
+            "Live event streams (GET /api/events) open now",
+            event_streams.clone(),
+        );
+        let http = fleet_runtime::http::HttpMetrics::default();
+        http.register(&mut registry);
         Self {
             registry,
             requests,
@@ -161,6 +207,11 @@ impl Default for Metrics {
             robot_probe_seconds,
             robot_series: Default::default(),
             broker_connected,
+            estops,
+            replies_refused,
+            robots_ignored,
+            event_streams,
+            http,
         }
     }
 }
@@ -207,6 +258,26 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    pub fn record_estop(&self, authenticated: bool) {
+        self.estops
+            .get_or_create(&EstopLabels {
+                authenticated: authenticated.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn record_reply_refused(&self, reason: &'static str) {
+        self.replies_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_robot_ignored(&self) {
+        self.robots_ignored.inc();
     }
 
     pub fn record_probe(&self, robot: &str, up: bool, took: std::time::Duration) {

@@ -34,7 +34,8 @@ async fn probe_one(state: &AppState, robot: String) -> ProbeResult {
             let target = Target {
                 topic: state.fleet.topics().command(&id, CommandKind::Ping),
                 template: format!("{}/+/cmd/ping", state.fleet.topics().prefix()),
-                robot: Some(robot.clone()),
+                // The robot answers on its own reply topic, and only its answer counts.
+                robot: Some(id),
             };
             let envelope = CommandEnvelope::new(Command::Ping);
             commands::send(

@@ -188,10 +188,32 @@ impl Topics {
         format!("{}/+/{leaf}", self.prefix)
     }
 
-    /// Where a gateway instance asks robots to send results (MQTT 5 response topic).
-    /// The leading `_` keeps it apart from robot ids, which may not start with `_`.
-    pub fn gateway_replies(&self, instance: &str) -> String {
-        format!("{}/_gateway/{instance}/result", self.prefix)
+    /// Where a gateway instance asks `robot` to send the result of a command (MQTT 5
+    /// response topic): `<prefix>/_gateway/<instance>/<robot>/result`. One topic per
+    /// robot, so that the broker's ACL can let a robot publish only to its own
+    /// (`<prefix>/_gateway/+/<robot>/result`) and no robot can answer for another. The
+    /// leading `_` keeps it apart from robot ids, which may not start with `_`.
+    pub fn gateway_reply(&self, instance: &str, robot: &RobotId) -> String {
+        format!("{}/_gateway/{instance}/{robot}/result", self.prefix)
+    }
+
+    /// Subscription filter for every reply to one gateway instance:
+    /// `<prefix>/_gateway/<instance>/+/result`.
+    pub fn gateway_replies_filter(&self, instance: &str) -> String {
+        format!("{}/_gateway/{instance}/+/result", self.prefix)
+    }
+
+    /// The robot a reply topic of `instance` belongs to
+    /// (`<prefix>/_gateway/<instance>/<robot>/result`), if it is one and names a valid
+    /// robot id.
+    pub fn gateway_reply_robot<'t>(&self, instance: &str, topic: &'t str) -> Option<&'t str> {
+        let robot = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/_gateway/")?
+            .strip_prefix(instance)?
+            .strip_prefix('/')?
+            .strip_suffix("/result")?;
+        RobotId::new(robot).is_ok().then_some(robot)
     }
 
     /// Parses `<prefix>/<robot|all>/cmd/<command or channel>`.
@@ -336,6 +358,45 @@ mod tests {
         assert!(t.is_command_topic("fleet/anything/cmd/whatever/deeper"));
         assert!(!t.is_command_topic("fleet/linus/state"));
         assert!(!t.is_command_topic("other/linus/cmd/drive"));
+    }
+
+    #[test]
+    fn gateway_reply_topics_name_the_robot() {
+        let t = Topics::default();
+        assert_eq!(
+            t.gateway_reply("gw-1", &linus()),
+            "fleet/_gateway/gw-1/linus/result"
+        );
+        assert_eq!(
+            t.gateway_replies_filter("gw-1"),
+            "fleet/_gateway/gw-1/+/result"
+        );
+        assert_eq!(
+            t.gateway_reply_robot("gw-1", "fleet/_gateway/gw-1/linus/result"),
+            Some("linus")
+        );
+        let round_trip = t.gateway_reply("gw-1", &linus());
+        assert_eq!(t.gateway_reply_robot("gw-1", &round_trip), Some("linus"));
+        for bad in [
+            "fleet/_gateway/gw-1/result",
+            "fleet/_gateway/gw-2/linus/result",
+            "fleet/_gateway/gw-1/linus/state",
+            "fleet/_gateway/gw-1/a/b/result",
+            "fleet/_gateway/gw-1//result",
+            "fleet/_gateway/gw-1/all/result",
+            "fleet/_gateway/gw-1/_x/result",
+            "fleet/_gateway/gw-1/li nus/result",
+            "fleet/_gateway/gw-10/linus/result",
+            "other/_gateway/gw-1/linus/result",
+            "fleet/linus/result",
+        ] {
+            assert_eq!(t.gateway_reply_robot("gw-1", bad), None, "{bad}");
+        }
+        let site = Topics::new(TopicPrefix::new("site/a").unwrap());
+        assert_eq!(
+            site.gateway_reply_robot("gw-1", "site/a/_gateway/gw-1/linus/result"),
+            Some("linus")
+        );
     }
 
     #[test]

@@ -52,7 +52,14 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "metrics and health on /metrics, /health");
-    axum::serve(listener, app(metrics))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // With the header timeout and connection cap every fleet HTTP port has, so that idle
+    // or slow clients cannot pile up sockets here either.
+    fleet_runtime::http::serve(
+        listener,
+        app(metrics),
+        fleet_runtime::http::HttpLimits::default(),
+        fleet_runtime::http::HttpMetrics::default(),
+        shutdown,
+    )
+    .await
 }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod exposition;
 pub mod handshake_failures;
+pub mod http;
 pub mod log_limit;
 pub mod mqtt_link;
 pub mod mqtt_tls;

@@ -100,6 +100,16 @@ impl LogLimiter {
     }
 }
 
+/// Text a client sent (a header, a topic), fit for a log line: at most `max_chars`
+/// characters, control characters and quotes escaped, so that it can neither flood nor
+/// forge log lines.
+pub fn quoted(text: &str, max_chars: usize) -> String {
+    text.chars()
+        .take(max_chars)
+        .flat_map(char::escape_debug)
+        .collect()
+}
+
 /// Logs, once per window, how many lines of each kind were held back. Runs until dropped.
 pub async fn report_held_back(limiter: &LogLimiter) {
     let mut ticks = tokio::time::interval(limiter.window());
@@ -120,6 +130,12 @@ pub async fn report_held_back(limiter: &LogLimiter) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_text_is_bounded_and_escaped() {
+        assert_eq!(quoted("evil\nINFO forged line", 8), "evil\\nINF");
+        assert_eq!(quoted("plain", 100), "plain");
+    }
 
     #[test]
     fn logs_a_burst_per_window_then_counts() {

@@ -60,6 +60,8 @@ pub struct Message {
     /// MQTT 5 user properties (empty for 3.1.1).
     pub user_properties: Vec<(String, String)>,
     pub correlation_data: Option<Vec<u8>>,
+    /// MQTT 5 response topic (`None` for 3.1.1).
+    pub response_topic: Option<String>,
     /// MQTT 5 message expiry interval as delivered (seconds left).
     pub message_expiry: Option<u32>,
 }
@@ -115,6 +117,7 @@ impl Watcher {
                         retain: p.retain,
                         user_properties: Vec::new(),
                         correlation_data: None,
+                        response_topic: None,
                         message_expiry: None,
                     }),
                     Ok(_) => {}
@@ -164,6 +167,7 @@ impl Watcher {
                             retain: p.retain,
                             user_properties: properties.user_properties,
                             correlation_data: properties.correlation_data.map(|c| c.to_vec()),
+                            response_topic: properties.response_topic,
                             message_expiry: properties.message_expiry_interval,
                         })
                     }

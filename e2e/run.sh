@@ -129,6 +129,9 @@ check "/metrics counts published commands" \
 # The web page in a real browser: hold a D-pad button, the robot moves; release, it stops.
 check "the web page drives both robots (chromium)" \
   env BASE="$BASE" ART="$ART" node e2e/browser.mjs
+# Any other web page open in the same browser must not be able to.
+check "a hostile web page in the operator's browser cannot drive the robots (chromium: img, form, fetch, websocket, DNS rebinding)" \
+  env BASE="$BASE" WS_PORT=$WS_PORT SUB="$ART/sub-v311.txt" ART="$ART" node e2e/hostile_page.mjs
 
 # Home Assistant discovery, seen as Home Assistant sees it: MQTT 3.1.1, retained documents.
 discovery_documents() {
@@ -215,7 +218,7 @@ SEC_PORT=${E2E_SECURE_MQTT_PORT:-18832}
 SEC_METRICS=${E2E_SECURE_METRICS_PORT:-19101}
 users_file=$ART/users.toml
 : >"$users_file"
-for entry in linus:robot gateway:controller; do
+for entry in linus:robot torvalds:robot gateway:controller grafana:reader; do
   name=${entry%%:*}
   hash=$(echo "$name-pw" | "$BROKER" hash-password)
   printf '[[user]]\nusername = "%s"\npassword_hash = "%s"\nrole = "%s"\n' "$name" "$hash" "${entry##*:}" >>"$users_file"
@@ -238,13 +241,14 @@ check "mosquitto_pub without credentials is refused" \
   bash -c "! mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -t fleet/linus/cmd/drive -m forward 2>$ART/anon.txt"
 check "mosquitto_pub with a wrong password is refused" \
   bash -c "! mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -u linus -P wrong -t fleet/linus/cmd/drive -m forward 2>$ART/wrong.txt"
-mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u linus -P linus-pw -t 'fleet/linus/cmd/+' -C 1 -W 15 >"$ART/linus-cmd.txt" 2>&1 &
+# A robot's login comes with its client id, robot-<id>.
+mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u linus -P linus-pw -i robot-linus -t 'fleet/linus/cmd/+' -C 1 -W 15 >"$ART/linus-cmd.txt" 2>&1 &
 LINUS_SUB=$!
 sleep 0.5
 mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u gateway -P gateway-pw -q 1 -t fleet/linus/cmd/drive -m forward
 check "the controller's command reaches the robot's subscription" wait_for 10 has_line "$ART/linus-cmd.txt" '^forward$'
 wait $LINUS_SUB 2>/dev/null || true
-mosquitto_sub -h 127.0.0.1 -p $SEC_TLS_PORT --cafile "$ART/ca.crt" -u linus -P linus-pw \
+mosquitto_sub -h 127.0.0.1 -p $SEC_TLS_PORT --cafile "$ART/ca.crt" -u linus -P linus-pw -i robot-linus \
   -t 'fleet/linus/cmd/+' -C 1 -W 15 >"$ART/linus-tls.txt" 2>&1 &
 LINUS_TLS=$!
 sleep 0.5
@@ -277,12 +281,20 @@ untrusted_refused() {
   [[ $out == *"cannot connect to the broker"*[Cc]ertificate* && $out != *"node: connected"* && $out != *panicked* ]]
 }
 check "a node that does not trust the broker's certificate says so and does not connect" untrusted_refused
+# (linus's node is connected now: these checks log in as torvalds.)
 check "a robot may not read another robot's commands (3.1.1)" \
-  bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -u linus -P linus-pw -t 'fleet/torvalds/cmd/+' -W 3 2>&1 | grep -q 'denied'"
+  bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -u torvalds -P torvalds-pw -i robot-torvalds -t 'fleet/linus/cmd/+' -W 3 2>&1 | grep -q 'denied'"
 check "a robot may not read another robot's commands (5)" \
-  bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u linus -P linus-pw -t 'fleet/torvalds/cmd/+' -W 3 2>&1 | grep -q 'denied'"
+  bash -c "mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u torvalds -P torvalds-pw -i robot-torvalds -t 'fleet/linus/cmd/+' -W 3 2>&1 | grep -q 'denied'"
 check "a robot may not command another robot (MQTT 5: PUBACK 0x87, not delivered)" \
-  bash -c "mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u linus -P linus-pw -q 1 -t fleet/torvalds/cmd/drive -m forward 2>&1 | grep -q 'Not authorized'"
+  bash -c "mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u torvalds -P torvalds-pw -i robot-torvalds -q 1 -t fleet/linus/cmd/drive -m forward 2>&1 | grep -q 'Not authorized'"
+check "a reader's will on a command topic refuses its CONNECT (mosquitto_pub --will-topic)" \
+  bash -c "! mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u grafana -P grafana-pw --will-topic fleet/linus/cmd/drive --will-payload forward -t fleet/nothing -n 2>$ART/will.txt && grep -qi 'not authori' $ART/will.txt"
+check "another user cannot take a robot's client id (CONNACK 0x85)" \
+  bash -c "! mosquitto_sub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u grafana -P grafana-pw -i robot-linus -t 'fleet/#' -W 2 2>$ART/takeover.txt && grep -qi 'identifier' $ART/takeover.txt"
+check "... and linus's node, whose client id it is, still answers commands" tls_command
+check "a topic of 100 levels is refused and the broker stays up" \
+  bash -c "! mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -V mqttv5 -u gateway -P gateway-pw -q 1 -r -t \"\$(printf 'a/%.0s' {1..100})x\" -m boom 2>$ART/deep.txt && curl -fsS http://127.0.0.1:$SEC_METRICS/health -o /dev/null"
 # Bytes that are not MQTT at all: the connection is closed and rmqtt logs it.
 python3 - "$SEC_PORT" <<'PY' || true
 import socket, sys

@@ -15,7 +15,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use fleet_protocol::command::MAX_COMMAND_PAYLOAD;
-use fleet_protocol::{Command, CommandEnvelope, CommandKind, RobotId};
+use fleet_protocol::{Command, CommandEnvelope, CommandKind, CommandWarning, RobotId};
+use fleet_runtime::log_limit::Admission;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio_stream::wrappers::BroadcastStream;
@@ -296,14 +297,36 @@ async fn robot_stop(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<CommandResponse, ApiError> {
     let robot_id = RobotId::new(&robot).map_err(|_| unknown_robot(&robot))?;
-    // TODO(parse_stop): use fleet_protocol::CommandEnvelope::parse_stop(&body) once it
-    // is merged (it keeps what it can of a bad body and reports the error).
-    let envelope = body
-        .ok()
-        .and_then(|body| CommandEnvelope::parse(CommandKind::Stop, &body).ok())
-        .unwrap_or_else(|| CommandEnvelope::new(Command::Stop));
+    // The body keeps what it can (id, trace context); what is wrong with it is told in
+    // the answer's `warning`, counted and logged, and the stop goes out anyway.
+    let (envelope, warning) = match &body {
+        Ok(body) => {
+            let (envelope, problem) = CommandEnvelope::parse_stop(body);
+            (envelope, problem.as_ref().map(CommandWarning::from))
+        }
+        Err(rejection) => (
+            CommandEnvelope::new(Command::Stop),
+            Some(CommandWarning::new(
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    "payload_too_large"
+                } else {
+                    "bad_payload"
+                },
+                rejection.body_text(),
+            )),
+        ),
+    };
+    if let Some(warning) = &warning {
+        state.metrics.record_stop_body_ignored(&warning.code);
+        if let Admission::Log { held_back } = state
+            .log_limit
+            .admit("stop_body_ignored", std::time::Instant::now())
+        {
+            tracing::warn!(%robot, code = %warning.code, problem = %warning.message, held_back, "a stop with a bad body: sent anyway, the body ignored");
+        }
+    }
     let wait = query.is_ok_and(|q| q.wait);
-    send_to(
+    let (status, Json(mut answer)) = send_to(
         &state,
         robot_id,
         envelope,
@@ -311,7 +334,11 @@ async fn robot_stop(
         wait,
         "POST /api/robots/{robot}/commands/stop",
     )
-    .await
+    .await?;
+    if let (Some(warning), Some(answer)) = (warning, answer.as_object_mut()) {
+        answer.entry("warning").or_insert_with(|| json!(warning));
+    }
+    Ok((status, Json(answer)))
 }
 
 /// Stops every robot (`<prefix>/all/cmd/stop`). Never waits: many robots answer.

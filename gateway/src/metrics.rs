@@ -84,6 +84,7 @@ pub struct Metrics {
     pub broker_connected: Gauge,
     estops: Family<EstopLabels, Counter>,
     replies_refused: Family<ReasonLabels, Counter>,
+    stop_bodies_ignored: Family<ReasonLabels, Counter>,
     robots_ignored: Counter,
     pub event_streams: Gauge,
     /// Connections of the HTTP server (`fleet_runtime::http`).
@@ -180,6 +181,12 @@ impl Default for Metrics {
             "Results on this gateway's reply topics that answered no awaited command, by reason (bad_topic, not_json, robot_mismatch; unknown_id: late after a timeout, sent untracked, or made up)",
             replies_refused.clone(),
         );
+        let stop_bodies_ignored = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "fleet_gateway_stop_bodies_ignored",
+            "Robot stops sent although their body was bad (bad_payload, payload_too_large): a stop is never refused for its body",
+            stop_bodies_ignored.clone(),
+        );
         let robots_ignored = Counter::default();
         registry.register(
             "fleet_gateway_robots_ignored",
@@ -209,6 +216,7 @@ impl Default for Metrics {
             broker_connected,
             estops,
             replies_refused,
+            stop_bodies_ignored,
             robots_ignored,
             event_streams,
             http,
@@ -270,6 +278,14 @@ impl Metrics {
 
     pub fn record_reply_refused(&self, reason: &'static str) {
         self.replies_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_stop_body_ignored(&self, reason: &str) {
+        self.stop_bodies_ignored
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
             })

@@ -532,11 +532,20 @@ async fn stops_pass_a_client_far_over_its_rate_limit_without_the_token() {
         vec![b'x'; 5000],
         vec![0xff, 0xfe, 0x00, 0x80],
     ];
-    for body in bodies {
+    for (body, code) in bodies.into_iter().zip([
+        "bad_payload",
+        "bad_payload",
+        "payload_too_large",
+        "bad_payload",
+    ]) {
         let (status, answer) = gw
             .send(gw.post("/api/robots/torvalds/commands/stop", body))
             .await;
         assert_eq!(status, 202, "a stop with a bad body still stops: {answer}");
+        assert_eq!(
+            answer["warning"]["code"], code,
+            "the sender is told: {answer}"
+        );
     }
     let (status, _) = gw.send(gw.get("/stop")).await;
     assert_eq!(status, 202, "the original /stop");

@@ -2,7 +2,7 @@
 //! of wrong passwords must neither take the broker's memory nor keep robots out:
 //! - a password verified before is accepted from the cache at once, before any queue;
 //! - the rest run on a few threads of their own that keep their argon2 memory (bounded:
-//!   threads × 19 MiB, handed back after a quiet minute), behind a short queue; when the
+//!   threads × 19 MiB, handed back after 10 quiet seconds), behind a short queue; when the
 //!   queue is full the client is told the server is busy instead of waiting;
 //! - an address with failed logins backs off: after a few failures its next attempts are
 //!   refused without a check, for a time that doubles with every failure (capped);
@@ -87,7 +87,7 @@ pub struct Logins {
 const FORGIVE_AFTER: Duration = Duration::from_secs(600);
 
 /// Working memory is handed back after this long without a check.
-const IDLE_RELEASE: Duration = Duration::from_secs(60);
+const IDLE_RELEASE: Duration = Duration::from_secs(10);
 
 impl Logins {
     /// Starts the checking threads.

@@ -468,6 +468,7 @@ fn drop_reason(reason: &rmqtt::types::Reason) -> &'static str {
         Reason::MessageExpiration => "expired",
         Reason::SessionExpiration => "session_expired",
         Reason::PublishResult(_) | Reason::DelayedPublishRefused => "refused",
+        Reason::Error(text) if &**text == rmqtt::session::TOO_LARGE_FOR_CLIENT => "too_large",
         Reason::ConnectDisconnect(_)
         | Reason::ConnectRemoteClose
         | Reason::ConnectReadWriteError

@@ -42,7 +42,7 @@ fn as_user<'a>(v5: bool, user: &'static str, client_id: &'a str) -> Connect<'a> 
         v5,
         client_id,
         login: login(user),
-        will: None,
+        ..Connect::default()
     }
 }
 

@@ -36,7 +36,7 @@ fn v5<'a>(client_id: &'a str, login: (&'static str, &'static str)) -> Connect<'a
         v5: true,
         client_id,
         login: Some(login),
-        will: None,
+        ..Connect::default()
     }
 }
 

@@ -49,18 +49,70 @@ pub struct Will<'a> {
     pub retain: bool,
 }
 
-/// A CONNECT (clean session, keep-alive 60 s), MQTT 3.1.1 or 5.
+/// A CONNECT (clean session unless `keep_session`, keep-alive 60 s), MQTT 3.1.1 or 5.
 #[derive(Debug, Clone, Default)]
 pub struct Connect<'a> {
     pub v5: bool,
     pub client_id: &'a str,
     pub login: Option<(&'a str, &'a str)>,
     pub will: Option<Will<'a>>,
+    /// Clean session (3.1.1) / clean start (5) off.
+    pub keep_session: bool,
+    /// MQTT 5 CONNECT properties, encoded (see [`property_u32`]).
+    pub properties: Vec<u8>,
+}
+
+/// An MQTT 5 property with a four-byte value (0x11 session expiry, 0x27 maximum packet size).
+pub fn property_u32(id: u8, value: u32) -> Vec<u8> {
+    let mut out = vec![id];
+    out.extend(value.to_be_bytes());
+    out
+}
+
+/// An MQTT 5 property with a two-byte value (0x23 topic alias, 0x21 receive maximum).
+pub fn property_u16(id: u8, value: u16) -> Vec<u8> {
+    let mut out = vec![id];
+    out.extend(value.to_be_bytes());
+    out
+}
+
+/// Properties as they go into a packet: their length first.
+fn with_length(properties: &[u8]) -> Vec<u8> {
+    let mut out = remaining_length(properties.len());
+    out.extend_from_slice(properties);
+    out
+}
+
+/// An MQTT 5 PUBLISH (packet id 1 for QoS 1 and 2) with properties.
+pub fn publish_v5(topic: &[u8], payload: &[u8], qos: u8, properties: &[u8]) -> Vec<u8> {
+    let mut body = string(topic);
+    if qos > 0 {
+        body.extend([0, 1]);
+    }
+    body.extend(with_length(properties));
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
+}
+
+/// An MQTT 5 SUBSCRIBE for one filter at `qos`.
+pub fn subscribe_v5(packet_id: u16, filter: &[u8], qos: u8) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.push(0);
+    body.extend(string(filter));
+    body.push(qos);
+    packet(0x82, &body)
+}
+
+/// An MQTT 5 DISCONNECT, normal, with properties.
+pub fn disconnect_v5(properties: &[u8]) -> Vec<u8> {
+    let mut body = vec![0];
+    body.extend(with_length(properties));
+    packet(0xe0, &body)
 }
 
 impl Connect<'_> {
     pub fn encode(&self) -> Vec<u8> {
-        let mut flags = 0x02;
+        let mut flags = if self.keep_session { 0 } else { 0x02 };
         if self.login.is_some() {
             flags |= 0xC0;
         }
@@ -70,7 +122,7 @@ impl Connect<'_> {
         let mut body = string(b"MQTT");
         body.extend([if self.v5 { 5 } else { 4 }, flags, 0, 60]);
         if self.v5 {
-            body.push(0); // no properties
+            body.extend(with_length(&self.properties));
         }
         body.extend(string(self.client_id.as_bytes()));
         if let Some(will) = &self.will {

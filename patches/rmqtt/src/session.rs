@@ -206,6 +206,21 @@ impl SessionState {
             }
             Err(reason) => {
                 log::debug!("{} Reason: {}", self.id, reason);
+                // Fleet patch: an MQTT 5 client that the server disconnects is told why
+                // with a DISCONNECT and a reason code, before the connection closes (this
+                // used to be sent after the close, so it never arrived). Not when the
+                // client or the network ended it, and never waiting on the peer.
+                if let Sink::V5(s) = &mut sink {
+                    if server_initiated(&reason) {
+                        // The reason code alone: the reason's text may quote the client's
+                        // packets back at length.
+                        let d = v5::Disconnect { reason_code: reason.to_reason_code(), ..Default::default() };
+                        // Written only if the socket takes it now: a client that stopped
+                        // reading must not hold up the session's teardown (and a new
+                        // connection waiting to take the session over).
+                        let _ = futures::FutureExt::now_or_never(s.send_disconnect(d));
+                    }
+                }
                 let _ = self.disconnected_reason_add(reason).await;
             }
         }
@@ -262,19 +277,6 @@ impl SessionState {
             }
             Reason::ConnectRemoteClose
         };
-
-        if let Sink::V5(s) = &mut sink {
-            let d = if let Reason::ConnectDisconnect(Some(Disconnect::V5(d))) = &reason {
-                d.clone()
-            } else {
-                v5::Disconnect {
-                    reason_code: reason.to_reason_code(),
-                    reason_string: Some(reason.to_string().into()),
-                    ..Default::default()
-                }
-            };
-            let _ = s.send_disconnect(d).await;
-        }
 
         self.hook.client_disconnected(reason).await;
 
@@ -625,6 +627,17 @@ impl SessionState {
                     is_admin
                 );
                 if !sender.is_closed() {
+                    // Fleet patch: what the client sent before it reconnected elsewhere is
+                    // handled first (its DISCONNECT may end the session: the new connection
+                    // must not find it), as a broker that reads in arrival order would.
+                    while let Some(Ok(Some(pkt))) = futures::FutureExt::now_or_never(sink.recv()) {
+                        let disconnect =
+                            matches!(pkt, Packet::V3(v3::Packet::Disconnect) | Packet::V5(v5::Packet::Disconnect(_)));
+                        self.process_mqtt_message(sink, pkt, flags).await?;
+                        if disconnect {
+                            break;
+                        }
+                    }
                     if sender.send(()).is_err() {
                         log::warn!("{:?} Message::Kick, send response error, sender is closed", self.id);
                     }
@@ -1577,12 +1590,22 @@ impl SessionState {
         let publish = self.hook.message_delivered(from.clone(), &publish).await.unwrap_or(publish);
 
         //send message
-        sink.publish(
-            publish.clone(),
-            expiry_check_res.message_expiry_interval(),
-            self.server_topic_aliases.as_ref(),
-        )
-        .await?; //@TODO ... at exception, send hook and or store message
+        let sent = sink
+            .publish(publish.clone(), expiry_check_res.message_expiry_interval(), self.server_topic_aliases.as_ref())
+            .await;
+        if let Err(e) = sent {
+            // Fleet patch: a message larger than the client's Maximum Packet Size is
+            // dropped for that client [MQTT-3.1.2-25], not a reason to disconnect it.
+            if larger_than_client_accepts(&e) {
+                self.scx
+                    .extends
+                    .hook_mgr()
+                    .message_dropped(Some(self.id.clone()), from, publish, Reason::Error(TOO_LARGE_FOR_CLIENT.into()))
+                    .await;
+                return Ok(());
+            }
+            return Err(e); //@TODO ... at exception, send hook and or store message
+        }
 
         //cache messages to inflight window
         let moment_status = match publish.qos {
@@ -2163,6 +2186,20 @@ async fn _send_subscribe_messages(
 }
 
 impl Session {
+    /// Fleet patch: whether this session ends with its connection (3.1.1 clean session,
+    /// MQTT 5 session expiry 0, also when set by the DISCONNECT), for a new connection that
+    /// takes it over while it is still being torn down.
+    pub(crate) async fn ends_with_its_connection(&self) -> bool {
+        let disconnect = self.disconnect().await.unwrap_or(None);
+        match self.connect_info().await {
+            Ok(c) => match c.as_ref() {
+                ConnectInfo::V3(_, c) => c.clean_session,
+                ConnectInfo::V5(..) => self.fitter.session_expiry_interval(disconnect.as_ref()).is_zero(),
+            },
+            Err(_) => true,
+        }
+    }
+
     #[inline]
     #[allow(clippy::too_many_arguments)]
     pub async fn new(
@@ -2683,4 +2720,33 @@ impl SessionLike for DefaultSession {
         self.subscriptions.clear(&self.scx).await;
         Ok(())
     }
+}
+
+/// Fleet patch: whether the server ends the connection, and so owes an MQTT 5 client a
+/// DISCONNECT with the reason, rather than the client (its own DISCONNECT) or the network.
+fn server_initiated(reason: &Reason) -> bool {
+    !matches!(
+        reason,
+        Reason::ConnectDisconnect(_)
+            | Reason::ConnectRemoteClose
+            | Reason::ConnectReadWriteError
+            | Reason::ConnectReadWriteTimeout
+    )
+}
+
+/// Fleet patch: the `Reason::Error` text of a message dropped because it is larger than
+/// the subscriber's Maximum Packet Size.
+pub const TOO_LARGE_FOR_CLIENT: &str = "larger than the client's maximum packet size";
+
+/// Fleet patch: whether sending failed only because the packet is larger than the client's
+/// Maximum Packet Size (the codec refuses it before writing anything).
+fn larger_than_client_accepts(e: &anyhow::Error) -> bool {
+    use crate::codec::error::{EncodeError, SendPacketError};
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<crate::net::MqttError>(),
+            Some(crate::net::MqttError::SendPacket(SendPacketError::Encode(EncodeError::OverMaxPacketSize { .. })))
+                | Some(crate::net::MqttError::Encode(EncodeError::OverMaxPacketSize { .. }))
+        )
+    })
 }

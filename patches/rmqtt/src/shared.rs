@@ -344,7 +344,9 @@ impl Drop for LockEntry {
     #[inline]
     fn drop(&mut self) {
         if self._locker.is_some() {
-            let _t = self.shared.lockers.remove(&self.id.client_id);
+            // Fleet patch: keep the lock in the table while another handshake waits on it
+            // (it holds a clone: table, this guard and the waiter make three).
+            let _t = self.shared.lockers.remove_if(&self.id.client_id, |_, lock| Arc::strong_count(lock) <= 2);
             log::debug!("{:?} LockEntry Drop ..., {}", self.id, _t.is_some());
         }
     }
@@ -426,13 +428,13 @@ impl Entry for LockEntry {
     #[inline]
     async fn try_lock(&self) -> Result<Box<dyn Entry>> {
         log::debug!("{:?} LockEntry.try_lock", self.id);
-        let locker = self
-            .shared
-            .lockers
-            .entry(self.id.client_id.clone())
-            .or_insert(Arc::new(Mutex::new(())))
-            .clone()
-            .try_lock_owned()?;
+        // Fleet patch: a second CONNECT with the same client id while the first one's
+        // handshake (and its kick of the old session) is still running waits its turn,
+        // instead of being refused at once with "server unavailable".
+        let mutex = self.shared.lockers.entry(self.id.client_id.clone()).or_insert(Arc::new(Mutex::new(()))).clone();
+        let locker = tokio::time::timeout(Duration::from_secs(5), mutex.lock_owned())
+            .await
+            .map_err(|_| anyhow!("another connection with this client id is still being set up"))?;
         Ok(Box::new(LockEntry::new(self.id.clone(), self.shared.clone(), Some(locker))))
     }
 
@@ -484,15 +486,35 @@ impl Entry for LockEntry {
                 match tokio::time::timeout(Duration::from_secs(5), rx).await {
                     Ok(Ok(())) => {
                         log::debug!("{:?} kicked, from {:?}", self.id, self.session().map(|s| s.id.clone()));
+                        // Fleet patch: a session that ends with its connection (3.1.1 clean
+                        // session, MQTT 5 expiry 0, also from its DISCONNECT) is not handed
+                        // over to the new connection.
+                        if let Some(old) = self.session() {
+                            if old.ends_with_its_connection().await {
+                                let _ = self._remove(true).await;
+                                return Ok(OfflineSession::NotExist);
+                            }
+                        }
                     }
                     Ok(Err(e)) => {
-                        log::warn!(
-                            "{:?} kick, recv result is {:?}, from {:?}",
+                        // Fleet patch: the old connection was already ending (its client
+                        // disconnected a moment ago) and dropped the kick unanswered. It is
+                        // gone either way: take its session over, as after a timeout,
+                        // instead of refusing the reconnect with "server unavailable". A
+                        // session that ends with its connection (expiry 0) is not handed
+                        // over: the client must see "no session present".
+                        log::debug!(
+                            "{:?} kick, recv result is {:?}, from {:?}: the old connection was already closing",
                             self.id,
                             e,
                             self.session().map(|s| s.id.clone())
                         );
-                        return Err(anyhow!(format!("recv kick result is {:?}", e)));
+                        if let Some(old) = self.session() {
+                            if old.ends_with_its_connection().await {
+                                let _ = self._remove(true).await;
+                                return Ok(OfflineSession::NotExist);
+                            }
+                        }
                     }
                     Err(_) => {
                         log::warn!(

@@ -2,7 +2,7 @@
 # The Eclipse Paho MQTT interoperability suites (MQTT 3.1.1 `client_test`, MQTT 5
 # `client_test5`) against fleet-broker and, side by side in the same run, Mosquitto; both
 # with anonymous clients allowed and full access. Fails when fleet-broker passes fewer
-# than MIN_V311 (9 of 10) or MIN_V5 (23 of 27) tests.
+# than MIN_V311 (9 of 10) or MIN_V5 (24 of 27) tests.
 #
 # The suites are not part of this repository (EPL-2.0 / EDL-1.0): they are looked for in
 # $FLEET_CONFORMANCE_DIR, ../shared/conformance beside the checkout, then
@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BROKER=${1:-$ROOT/target/debug/fleet-broker}
 MIN_V311=${MIN_V311:-9}
-MIN_V5=${MIN_V5:-23}
+MIN_V5=${MIN_V5:-24}
 FLEET_PORT=${CONFORMANCE_FLEET_PORT:-18841}
 MOSQ_PORT=${CONFORMANCE_MOSQUITTO_PORT:-18842}
 OUT=${CONFORMANCE_OUT:-$ROOT/e2e/artifacts/conformance}

@@ -451,6 +451,9 @@ fn disconnect_reason(reason: &rmqtt::types::Reason) -> &'static str {
         | Reason::ConnectReadWriteTimeout => "connection_closed",
         Reason::ConnectKeepaliveTimeout => "keepalive_timeout",
         Reason::ConnectKicked(_) => "taken_over",
+        // Congested and writing nothing while a publisher was held back for it
+        // (patches/rmqtt, `Backlog`).
+        Reason::MessageQueueFull => "slow_consumer",
         // rmqtt reports what its decoder refused (oversized packets, topics that are not
         // UTF-8, a second CONNECT, unknown packet types) as a plain error text.
         Reason::ProtocolError(_) | Reason::MqttError(_) | Reason::Error(_) => "protocol_error",

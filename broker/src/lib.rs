@@ -7,6 +7,7 @@
 pub mod acl;
 pub mod auth;
 pub mod clients;
+pub(crate) mod fitter;
 pub mod gate;
 mod hooks;
 pub mod http;
@@ -106,9 +107,15 @@ pub struct BrokerConfig {
     /// Unacknowledged QoS 1/2 messages per client. rmqtt's default (16) disconnects a
     /// 3.1.1 client that pipelines more QoS 2 publishes.
     pub max_inflight: NonZeroU16,
-    /// Messages queued per client before rmqtt drops (and counts) them.
+    /// Messages waiting for one subscriber before the clients publishing QoS 1/2 to it
+    /// are held back; twice as many are kept before any is dropped (and counted).
     pub max_queue_len: usize,
     pub max_packet_size: u32,
+    /// The longest keep-alive, in seconds, an MQTT 5 client is allowed (Server Keep Alive
+    /// in CONNACK); 0 for no cap. 3.1.1 clients keep theirs: they cannot be told.
+    pub max_keepalive: u16,
+    /// Topic aliases per MQTT 5 connection, each way (0: none).
+    pub max_topic_aliases: u16,
 }
 
 impl Default for BrokerConfig {
@@ -130,6 +137,8 @@ impl Default for BrokerConfig {
             max_inflight: NonZeroU16::new(1024).unwrap_or(NonZeroU16::MIN),
             max_queue_len: 10_000,
             max_packet_size: 1024 * 1024,
+            max_keepalive: 60,
+            max_topic_aliases: 10,
         }
     }
 }
@@ -243,6 +252,9 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         register.add(hook, Box::new(hooks.clone())).await;
     }
     register.start().await;
+    *scx.extends.fitter_mgr_mut().await = Box::new(fitter::FleetFitterManager {
+        max_keepalive: config.max_keepalive,
+    });
     // One gate for every listener: the connection cap is the broker's, not a port's.
     let mut connections = config.connections.clone();
     connections.max_connections = within_file_limit(connections.max_connections);
@@ -363,7 +375,9 @@ fn listener(config: &BrokerConfig, gate: &Arc<FleetGate>, name: &str, addr: Sock
         .handshake_timeout(config.handshake_timeout)
         .max_connections(config.connections.max_connections)
         .max_inflight(config.max_inflight)
-        .max_mqueue_len(config.max_queue_len)
+        // Publishers to a subscriber with `max_queue_len` messages waiting are held back
+        // (patches/rmqtt, `Backlog`); the second half takes what they sent meanwhile.
+        .max_mqueue_len(config.max_queue_len.saturating_mul(2))
         .max_packet_size(config.max_packet_size)
         // rmqtt's own level limit answers a bare 0x80 that nobody counts; the subscribe
         // hook refuses deeper filters itself (0x8F, counted, logged) before any trie.
@@ -371,4 +385,5 @@ fn listener(config: &BrokerConfig, gate: &Arc<FleetGate>, name: &str, addr: Sock
         // rmqtt stamps a 5-minute expiry on every message by default, which silently
         // drops queued commands. Senders set expiry themselves.
         .message_expiry_interval(Duration::ZERO)
+        .max_topic_aliases(config.max_topic_aliases)
 }

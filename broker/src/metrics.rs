@@ -35,11 +35,12 @@ struct ActionLabels {
 }
 
 /// The `reason` label values of `fleet_broker_disconnects_total`.
-pub const DISCONNECT_REASONS: [&str; 6] = [
+pub const DISCONNECT_REASONS: [&str; 7] = [
     "client",
     "connection_closed",
     "keepalive_timeout",
     "protocol_error",
+    "slow_consumer",
     "taken_over",
     "other",
 ];

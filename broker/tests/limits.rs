@@ -14,25 +14,14 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-#[tokio::test]
-async fn messages_dropped_for_a_stuck_subscriber_are_counted() {
-    let broker = fleet_broker::start(BrokerConfig {
-        mqtt_addr: loopback(),
-        http_addr: Some(loopback()),
-        max_inflight: NonZeroU16::MIN,
-        max_queue_len: 5,
-        ..BrokerConfig::default()
-    })
-    .await
-    .unwrap();
-
-    // A 3.1.1 subscriber that subscribes at QoS 1 and then never reads or acknowledges.
-    let mut stuck = tokio::net::TcpStream::connect(broker.mqtt_addr())
-        .await
-        .unwrap();
+/// A 3.1.1 subscriber that subscribes at QoS 1 to `fleet/linus/state` and then never reads
+/// or acknowledges; with `keep_session` its session outlives the connection.
+async fn stuck_subscriber(addr: SocketAddr, keep_session: bool) -> tokio::net::TcpStream {
+    let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let flags = if keep_session { 0 } else { 0x02 };
     stuck
         .write_all(&[
-            0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5, b's', b't', b'u', b'c',
+            0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60, 0, 5, b's', b't', b'u', b'c',
             b'k',
         ])
         .await
@@ -55,6 +44,32 @@ async fn messages_dropped_for_a_stuck_subscriber_are_counted() {
     let mut suback = [0u8; 5];
     stuck.read_exact(&mut suback).await.unwrap();
     assert_eq!(suback[0], 0x90);
+    stuck
+}
+
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .map_or(0, |line| line.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
+/// Nobody drains an offline session: what does not fit in its queue (twice
+/// `max_queue_len`) is dropped and counted, and its publishers are not held back for it.
+#[tokio::test]
+async fn messages_dropped_for_an_offline_session_are_counted() {
+    let broker = fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        http_addr: Some(loopback()),
+        max_inflight: NonZeroU16::MIN,
+        max_queue_len: 5,
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut stuck = stuck_subscriber(broker.mqtt_addr(), true).await;
+    stuck.write_all(&[0xe0, 0]).await.unwrap();
+    drop(stuck);
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let publisher = Watcher::v5(broker.mqtt_addr(), "publisher", "nothing/#").await;
     for i in 0..100 {
@@ -66,16 +81,58 @@ async fn messages_dropped_for_a_stuck_subscriber_are_counted() {
     loop {
         let text = fleet_testkit::metrics_text(broker.http_addr().unwrap()).await;
         // The drops are counted as the broker works through the publishes: wait for all.
-        let dropped: u64 = text
-            .lines()
-            .find(|l| l.starts_with("fleet_broker_messages_dropped_total{reason=\"queue_full\"}"))
-            .map_or(0, |line| line.rsplit(' ').next().unwrap().parse().unwrap());
+        let dropped = counter(
+            &text,
+            "fleet_broker_messages_dropped_total{reason=\"queue_full\"}",
+        );
         if dropped >= 90 {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "no drops counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A connected subscriber that reads nothing holds its publisher back for a moment, then
+/// is disconnected as a slow consumer (counted) and the publisher carries on.
+#[tokio::test]
+async fn a_stalled_subscriber_is_disconnected_and_its_publisher_carries_on() {
+    let broker = fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        http_addr: Some(loopback()),
+        max_inflight: NonZeroU16::MIN,
+        max_queue_len: 5,
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+    let _stuck = stuck_subscriber(broker.mqtt_addr(), false).await;
+    let publisher = Watcher::v5(broker.mqtt_addr(), "publisher", "nothing/#").await;
+    for i in 0..100 {
+        publisher
+            .publish("fleet/linus/state", format!("{{\"n\":{i}}}"))
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = fleet_testkit::metrics_text(broker.http_addr().unwrap()).await;
+        let slow = counter(
+            &text,
+            "fleet_broker_disconnects_total{reason=\"slow_consumer\"}",
+        );
+        let received = counter(
+            &text,
+            "fleet_broker_messages_received_total{topic=\"fleet/+/state\"}",
+        );
+        if slow == 1 && received >= 100 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no slow consumer disconnected:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -60,6 +60,8 @@ pub struct Connect<'a> {
     pub keep_session: bool,
     /// MQTT 5 CONNECT properties, encoded (see [`property_u32`]).
     pub properties: Vec<u8>,
+    /// Keep-alive in seconds; `None` for 60.
+    pub keep_alive: Option<u16>,
 }
 
 /// An MQTT 5 property with a four-byte value (0x11 session expiry, 0x27 maximum packet size).
@@ -74,6 +76,62 @@ pub fn property_u16(id: u8, value: u16) -> Vec<u8> {
     let mut out = vec![id];
     out.extend(value.to_be_bytes());
     out
+}
+
+/// Parsed MQTT 5 properties: each id with its value's bytes.
+pub type Properties = Vec<(u8, Vec<u8>)>;
+
+/// MQTT 5 properties read back from `bytes` (starting at their length): each id with its
+/// value's bytes (without a length prefix for strings and binary data), or `None` if
+/// they do not parse. Returns the bytes after the properties too.
+pub fn parse_properties(bytes: &[u8]) -> Option<(Properties, &[u8])> {
+    let (mut len, mut at, mut shift) = (0usize, 0usize, 0);
+    loop {
+        let byte = *bytes.get(at)?;
+        at += 1;
+        len |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let (mut props, rest) = (bytes.get(at..at + len)?, bytes.get(at + len..)?);
+    let mut out = Vec::new();
+    while let Some((&id, tail)) = props.split_first() {
+        let fixed = |n: usize| tail.get(..n).map(|v| (v.to_vec(), n));
+        let prefixed = |from: usize| {
+            let n = usize::from(u16::from_be_bytes([*tail.get(from)?, *tail.get(from + 1)?]));
+            Some((tail.get(from + 2..from + 2 + n)?.to_vec(), from + 2 + n))
+        };
+        let (value, used) = match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => fixed(1)?,
+            0x13 | 0x21 | 0x22 | 0x23 => fixed(2)?,
+            0x02 | 0x11 | 0x18 | 0x27 => fixed(4)?,
+            0x0b => {
+                let n = tail.iter().position(|b| b & 0x80 == 0)? + 1;
+                fixed(n)?
+            }
+            // A user property: name and value, kept with their length prefixes.
+            0x26 => {
+                let (_, after_name) = prefixed(0)?;
+                let (_, after_value) = prefixed(after_name)?;
+                (tail.get(..after_value)?.to_vec(), after_value)
+            }
+            _ => prefixed(0)?,
+        };
+        out.push((id, value));
+        props = tail.get(used..)?;
+    }
+    Some((out, rest))
+}
+
+/// A two-byte property's value (0x13 server keep alive, 0x22 topic alias maximum, 0x23
+/// topic alias) in parsed properties.
+pub fn find_u16(properties: &[(u8, Vec<u8>)], id: u8) -> Option<u16> {
+    properties
+        .iter()
+        .find(|(found, _)| *found == id)
+        .and_then(|(_, value)| Some(u16::from_be_bytes([*value.first()?, *value.get(1)?])))
 }
 
 /// Properties as they go into a packet: their length first.
@@ -120,7 +178,8 @@ impl Connect<'_> {
             flags |= 0x04 | (1 << 3) | if will.retain { 0x20 } else { 0 };
         }
         let mut body = string(b"MQTT");
-        body.extend([if self.v5 { 5 } else { 4 }, flags, 0, 60]);
+        body.extend([if self.v5 { 5 } else { 4 }, flags]);
+        body.extend(self.keep_alive.unwrap_or(60).to_be_bytes());
         if self.v5 {
             body.extend(with_length(&self.properties));
         }

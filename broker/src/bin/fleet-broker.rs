@@ -66,12 +66,21 @@ struct Args {
     /// Unacknowledged QoS 1/2 messages allowed per client
     #[arg(long, env = "FLEET_MAX_INFLIGHT", default_value = "1024")]
     max_inflight: NonZeroU16,
-    /// Messages queued per client before they are dropped (and counted)
+    /// Messages waiting for one subscriber before clients publishing QoS 1/2 to it are held
+    /// back (not read, for up to 2 s per publish); twice as many are kept before any is
+    /// dropped (and counted)
     #[arg(long, env = "FLEET_MAX_QUEUE_LEN", default_value_t = 10_000)]
     max_queue_len: usize,
     /// Largest MQTT packet accepted, in bytes
     #[arg(long, env = "FLEET_MAX_PACKET_SIZE", default_value_t = 1024 * 1024)]
     max_packet_size: u32,
+    /// Longest keep-alive in seconds an MQTT 5 client may use (told in CONNACK's Server Keep
+    /// Alive, also to clients asking for none); 3.1.1 clients keep theirs. 0: no cap
+    #[arg(long, env = "FLEET_MAX_KEEPALIVE_S", default_value_t = 60)]
+    max_keepalive_s: u16,
+    /// Topic aliases per MQTT 5 connection, in each direction; 0 turns them off
+    #[arg(long, env = "FLEET_MAX_TOPIC_ALIASES", default_value_t = 10)]
+    max_topic_aliases: u16,
     /// Connections open at once over every listener (never more than the process's file
     /// descriptor limit allows); beyond it new connections are closed at once
     #[arg(long, env = "FLEET_MAX_CONNECTIONS", default_value_t = 100_000)]
@@ -186,6 +195,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_inflight: args.max_inflight,
         max_queue_len: args.max_queue_len,
         max_packet_size: args.max_packet_size,
+        max_keepalive: args.max_keepalive_s,
+        max_topic_aliases: args.max_topic_aliases,
         connections: ConnectionLimits {
             max_connections: args.max_connections,
             max_pending_per_address: args.max_pending_per_address,

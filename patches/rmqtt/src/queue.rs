@@ -237,6 +237,9 @@ impl Limiter {
 /// When the queue reaches its capacity, [`push`](Queue::push) returns
 /// `Err(v)` and the caller must decide how to handle the overflow
 /// (typically via the enclosing [`Sender`]'s policy).
+/// Fleet patch: an emptied queue with room for more than this many items shrinks.
+const SHRINK_EMPTY_ABOVE: usize = 1024;
+
 pub struct Queue<T> {
     cap: usize,
     inner: Mutex<VecDeque<T>>,
@@ -292,6 +295,11 @@ impl<T> Queue<T> {
         if let Some(v) = inner.pop_front() {
             if let Some(f) = self.on_pop_fn.as_ref() {
                 f();
+            }
+            // Fleet patch: a queue that a flood grew gives the memory back once it has been
+            // emptied (a VecDeque never shrinks by itself).
+            if inner.is_empty() && inner.capacity() > SHRINK_EMPTY_ABOVE {
+                inner.shrink_to_fit();
             }
             Some(v)
         } else {

@@ -156,8 +156,10 @@ impl SessionState {
         log::debug!("client_topic_aliases: {client_topic_aliases:?}");
 
         let (tx, rx) = unbounded();
+        let backlog = Arc::new(Backlog::new(session.deliver_queue().clone()));
         let tx = SessionTx::new(
             tx,
+            backlog,
             #[cfg(feature = "debug")]
             session.scx.clone(),
         );
@@ -199,8 +201,10 @@ impl SessionState {
         let mut flags = StateFlags::empty();
 
         self.scx.connections.inc();
-        match self.run_loop(&mut sink, keep_alive, &mut flags, &deliver_queue_tx, &mut deliver_queue_rx).await
-        {
+        self.tx.backlog.set_online(true);
+        let run = self.run_loop(&mut sink, keep_alive, &mut flags, &deliver_queue_tx, &mut deliver_queue_rx).await;
+        self.tx.backlog.set_online(false);
+        match run {
             Ok(()) => {
                 log::debug!("{} exit ...", self.id);
             }
@@ -218,7 +222,26 @@ impl SessionState {
                         // Written only if the socket takes it now: a client that stopped
                         // reading must not hold up the session's teardown (and a new
                         // connection waiting to take the session over).
-                        let _ = futures::FutureExt::now_or_never(s.send_disconnect(d));
+                        let written = futures::FutureExt::now_or_never(async {
+                            s.send(v5::Packet::Disconnect(d)).await?;
+                            s.flush().await
+                        });
+                        // A client that broke the protocol is usually still sending (a
+                        // burst of QoS 2 publishes past Receive Maximum, say). Closing now,
+                        // with its packets unread, makes the kernel answer with a reset
+                        // that discards what the client has not read yet, the DISCONNECT
+                        // included. So its packets are read and dropped for a moment
+                        // first; never for a connection whose session is wanted elsewhere
+                        // or whose client is gone.
+                        if matches!(written, Some(Ok(()))) && worth_draining(&reason) {
+                            let deadline = tokio::time::Instant::now() + DRAIN_BEFORE_CLOSE;
+                            while let Some(left) = deadline.checked_duration_since(tokio::time::Instant::now())
+                            {
+                                if !matches!(s.recv(left).await, Ok(Some(_))) {
+                                    break;
+                                }
+                            }
+                        }
                     }
                 }
                 let _ = self.disconnected_reason_add(reason).await;
@@ -341,6 +364,13 @@ impl SessionState {
 
         tokio::pin!(deliver_timeout_delay);
 
+        // Fleet patch: the congested sessions this client's last publish went to, and until
+        // when its next packets may wait for them (see `Backlog`). Meanwhile the session
+        // still delivers to its own client: a robot held back for publishing its state to
+        // a slow reader still gets its e-stop.
+        // Each congested session comes with how much it had written when the hold began.
+        let mut held_back: Option<(Vec<(SessionTx, usize)>, Instant)> = None;
+
         loop {
             log::debug!("{:?} tokio::select! loop", state.id);
             deliver_timeout_delay.as_mut().reset(
@@ -354,8 +384,29 @@ impl SessionState {
             );
 
             tokio::select! {
-                 _ = &mut keep_alive_delay => {
+                 _ = &mut keep_alive_delay, if held_back.is_none() => {
                     return Err(Reason::ConnectKeepaliveTimeout)
+                },
+
+                _ = tokio::time::sleep(HELD_BACK_RECHECK), if held_back.is_some() => {
+                    if let Some((congested, until)) = &mut held_back {
+                        congested.retain(|(tx, _)| tx.backlog.congested());
+                        if congested.is_empty() || Instant::now() >= *until {
+                            // A subscriber still congested that wrote nothing to its client
+                            // all this time is stalled (it reads nothing, or acknowledges
+                            // nothing): it is disconnected rather than holding every
+                            // publisher to it back, or losing what they sent.
+                            for (tx, written) in congested.iter() {
+                                if tx.backlog.written() == *written {
+                                    log::warn!("{:?} was held back by a stalled subscriber, which is disconnected", state.id);
+                                    let _ = tx.unbounded_send(Message::Closed(Reason::MessageQueueFull));
+                                }
+                            }
+                            held_back = None;
+                            // What the client sent while it was not read is not its silence.
+                            keep_alive_delay.as_mut().reset(Instant::now() + keep_alive_interval);
+                        }
+                    }
                 },
 
                 _ = &mut deliver_timeout_delay => {
@@ -369,6 +420,7 @@ impl SessionState {
                     log::debug!("{:?} deliver_packet: {:?}", state.id, deliver_packet);
                     match deliver_packet {
                         Some(Some((from, p))) => {
+                            state.tx.backlog.wrote();
                             state.deliver(sink, from, p).await?;
                         },
                         Some(None) => {
@@ -391,12 +443,22 @@ impl SessionState {
                     }
                 }
 
-                pkt = sink.recv() => {
+                pkt = sink.recv(), if held_back.is_none() => {
                     log::debug!("{:?} pkt: {:?}", state.id, pkt);
                     keep_alive_delay.as_mut().reset(Instant::now() + keep_alive_interval);
                     match pkt? {
                         Some(pkt) => {
-                            state.process_mqtt_message(sink, pkt, flags).await?;
+                            let congested = CONGESTED
+                                .scope(std::cell::RefCell::new(Vec::new()), async {
+                                    state.process_mqtt_message(sink, pkt, flags).await?;
+                                    Ok::<_, Reason>(CONGESTED.with(|c| c.take()))
+                                })
+                                .await?;
+                            if !congested.is_empty() {
+                                let congested =
+                                    congested.into_iter().map(|tx| { let written = tx.backlog.written(); (tx, written) }).collect();
+                                held_back = Some((congested, Instant::now() + HELD_BACK_AT_MOST));
+                            }
                         },
                         None => {
                             return Err(Reason::ConnectRemoteClose);
@@ -436,6 +498,7 @@ impl SessionState {
                     if let Some(msg) = msg {
                         match msg {
                             Message::Forward(from, p) => {
+                                self.tx.backlog.taken();
 
                                 //hook, offline_message
                                 self.hook.offline_message(from.clone(), &p).await;
@@ -459,6 +522,7 @@ impl SessionState {
                                     // is still draining a large offline backlog).
                                     let mut drained = 0usize;
                                     while let Ok(Message::Forward(from, p)) = self.rx.try_recv() {
+                                        self.tx.backlog.taken();
                                         // hook, offline_message — same as the main offline event
                                         // loop so hook consumers (web-hook `offline_message`
                                         // rule, sys-topic offline counters, audit plugins) do not
@@ -605,6 +669,7 @@ impl SessionState {
     {
         match msg {
             Message::Forward(from, p) => {
+                self.tx.backlog.taken();
                 if let Err((from, p)) = deliver_queue_tx.send((from, p)).await {
                     log::debug!("{:?} deliver_dropped, from: {:?}, {:?}", self.id, from, p);
                     //hook, message_dropped
@@ -1057,10 +1122,14 @@ impl SessionState {
 
     #[inline]
     async fn _publish(&self, mut publish: Publish) -> Result<PublishResult> {
+        let topic_alias = publish.properties.as_ref().and_then(|p| p.topic_alias);
         if let Some(client_topic_aliases) = &self.client_topic_aliases {
-            publish.deref_mut().topic = client_topic_aliases
-                .set_and_get(publish.properties.as_ref().and_then(|p| p.topic_alias), publish.topic.clone())
-                .await?;
+            publish.deref_mut().topic = client_topic_aliases.set_and_get(topic_alias, publish.topic.clone()).await?;
+        } else if let Some(alias) = topic_alias {
+            // Fleet patch: with a Topic Alias Maximum of 0 every alias is above it
+            // [MQTT-3.3.2-9]; it used to be ignored (and the publish went to its topic
+            // name, empty or not).
+            return Err(crate::types::TopicAliasInvalid(alias.get()).into());
         }
 
         let from = From::from_custom(self.id.clone());
@@ -2731,6 +2800,30 @@ fn server_initiated(reason: &Reason) -> bool {
             | Reason::ConnectRemoteClose
             | Reason::ConnectReadWriteError
             | Reason::ConnectReadWriteTimeout
+    )
+}
+
+/// Fleet patch: how often a client held back by congested subscribers looks again.
+const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
+
+/// Fleet patch: the longest a client is held back for one publish. Past it the client is
+/// read again (its PINGREQs answered: robots use a 5 s keep-alive); a subscriber that stays
+/// congested then takes the overflow half of its queue, and beyond it drops (counted).
+const HELD_BACK_AT_MOST: Duration = Duration::from_secs(2);
+
+/// Fleet patch: how long a client that the server disconnects for breaking the protocol
+/// has to read the DISCONNECT before its connection is closed.
+const DRAIN_BEFORE_CLOSE: Duration = Duration::from_secs(1);
+
+/// Fleet patch: whether the client is likely alive and still sending, and nothing else
+/// waits for this session to end (a takeover does; a keep-alive timeout has no reader).
+fn worth_draining(reason: &Reason) -> bool {
+    !matches!(
+        reason,
+        Reason::ConnectKicked(_)
+            | Reason::ConnectKeepaliveTimeout
+            | Reason::SessionExpiration
+            | Reason::HandshakeRateExceeded
     )
 }
 

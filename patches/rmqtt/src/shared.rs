@@ -949,6 +949,7 @@ impl Shared for DefaultShared {
                 continue;
             };
 
+            let acknowledged = !matches!(p.qos, QoS::AtMostOnce);
             if let Err(e) = tx.unbounded_send(Message::Forward(from.clone(), p)) {
                 log::warn!(
                     "forwards_to failed, from:{:?}, to:{:?}, topic_filter:{:?}, topic:{:?}, reason:{:?}",
@@ -962,6 +963,12 @@ impl Shared for DefaultShared {
                     errs.push((to, from, p, Reason::from_static("Connection Tx is closed")));
                 }
             } else {
+                // Fleet patch: a QoS 1/2 message into a congested session holds its
+                // publisher back (see `Backlog`); outside a client's session (wills,
+                // retained messages) nobody is held back.
+                if acknowledged && tx.backlog.congested() {
+                    let _ = CONGESTED.try_with(|c| c.borrow_mut().push(tx.clone()));
+                }
                 // Collect successful session info with shared group expansion
                 if let Some((group, _, cids)) = &group_shared {
                     for g_cid in cids {

@@ -117,6 +117,88 @@ pub type ListenerId = u16;
 
 pub(crate) const UNDEFINED: &str = "undefined";
 
+/// Fleet patch: how far behind a session's client is, for holding back the clients that
+/// publish to it (backpressure instead of dropping acknowledged QoS 1/2 messages).
+///
+/// The backlog is what was forwarded to the session and not yet written to its client:
+/// messages still in the session's channel plus its deliver queue. Past the high-water
+/// mark (half the deliver queue's capacity) the session is *congested*: a client whose
+/// QoS 1/2 publish went to it stops being read until it is not (see
+/// `SessionState::run_loop`), so each publisher adds at most one message beyond the mark
+/// and the second half of the queue takes those. Offline sessions never congest: nobody
+/// drains them, and a publisher must not wait on them.
+pub struct Backlog {
+    in_channel: std::sync::atomic::AtomicUsize,
+    queue: MessageQueueType,
+    high_water: usize,
+    online: std::sync::atomic::AtomicBool,
+    /// Messages written to the client so far: a session that is congested and writes
+    /// nothing for as long as a publisher may be held back is stalled.
+    written: std::sync::atomic::AtomicUsize,
+}
+
+impl Backlog {
+    pub fn new(queue: MessageQueueType) -> Self {
+        let high_water = (queue.capacity() / 2).max(1);
+        Self {
+            in_channel: std::sync::atomic::AtomicUsize::new(0),
+            queue,
+            high_water,
+            online: std::sync::atomic::AtomicBool::new(false),
+            written: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// A message left the deliver queue for the client.
+    #[inline]
+    pub fn wrote(&self) {
+        self.written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn written(&self) -> usize {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Messages forwarded to the session and not yet written to its client.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.in_channel.load(std::sync::atomic::Ordering::Relaxed) + self.queue.len()
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether QoS 1/2 publishers to this session should be held back.
+    #[inline]
+    pub fn congested(&self) -> bool {
+        self.online.load(std::sync::atomic::Ordering::Relaxed) && self.len() >= self.high_water
+    }
+
+    #[inline]
+    pub fn set_online(&self, online: bool) {
+        self.online.store(online, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A forwarded message left the session's channel (for its deliver queue, or dropped).
+    #[inline]
+    pub fn taken(&self) {
+        let _ = self.in_channel.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| n.checked_sub(1),
+        );
+    }
+}
+
+tokio::task_local! {
+    /// Fleet patch: while a session handles a packet from its client, the congested
+    /// sessions its QoS 1/2 publishes went to (collected by `forwards_to`).
+    pub static CONGESTED: std::cell::RefCell<Vec<SessionTx>>;
+}
+
 /// A sender for delivering messages to a specific MQTT session.
 ///
 /// Wraps an unbounded MPSC sender with optional debug statistics tracking.
@@ -126,15 +208,19 @@ pub struct SessionTx {
     #[cfg(feature = "debug")]
     scx: ServerContext,
     tx: futures::channel::mpsc::UnboundedSender<Message>,
+    /// Fleet patch: counts the forwarded messages sent here.
+    pub backlog: Arc<Backlog>,
 }
 
 impl SessionTx {
     pub fn new(
         tx: futures::channel::mpsc::UnboundedSender<Message>,
+        backlog: Arc<Backlog>,
         #[cfg(feature = "debug")] scx: ServerContext,
     ) -> Self {
         Self {
             tx,
+            backlog,
             #[cfg(feature = "debug")]
             scx,
         }
@@ -150,8 +236,12 @@ impl SessionTx {
         &self,
         msg: Message,
     ) -> std::result::Result<(), futures::channel::mpsc::TrySendError<Message>> {
+        let forward = matches!(msg, Message::Forward(..));
         match self.tx.unbounded_send(msg) {
             Ok(()) => {
+                if forward {
+                    self.backlog.in_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 #[cfg(feature = "debug")]
                 self.scx.stats.debug_session_channels.inc();
                 Ok(())
@@ -2418,6 +2508,9 @@ pub enum Reason {
     MessageQueueFull,
     InflightWindowFull,
     ProtocolError(ByteString),
+    /// Fleet patch: a PUBLISH used a Topic Alias that is 0, above the Topic Alias Maximum
+    /// this server announced, or not set up yet (a protocol error, DISCONNECT 0x94).
+    TopicAliasInvalid(u16),
     Error(ByteString),
     MqttError(MqttError),
     Reasons(Vec<Reason>),
@@ -2488,6 +2581,13 @@ impl std::convert::From<Reason> for PublishResult {
                 disconnect: true,
             },
 
+            TopicAliasInvalid(alias) => Self {
+                reason_code: UnspecifiedError,
+                properties: UserProperties::default(),
+                reason_string: Some(format!("Topic alias {alias} is invalid").into()),
+                disconnect: true,
+            },
+
             Error(msg) => Self {
                 reason_code: ImplementationSpecificError,
                 properties: UserProperties::default(),
@@ -2547,6 +2647,9 @@ impl std::convert::From<MqttError> for Reason {
 impl std::convert::From<Error> for Reason {
     #[inline]
     fn from(e: Error) -> Self {
+        if let Some(TopicAliasInvalid(alias)) = e.downcast_ref::<TopicAliasInvalid>() {
+            return Reason::TopicAliasInvalid(*alias);
+        }
         match e.downcast::<MqttError>() {
             Err(e) => Reason::Error(ByteString::from(e.to_string())),
             Ok(e) => Reason::MqttError(e),
@@ -2583,6 +2686,7 @@ impl ToReasonCode for Reason {
             Reason::MessageQueueFull => DisconnectReasonCode::QuotaExceeded,
             Reason::InflightWindowFull => DisconnectReasonCode::ReceiveMaximumExceeded,
             Reason::ProtocolError(_) => DisconnectReasonCode::ProtocolError,
+            Reason::TopicAliasInvalid(_) => DisconnectReasonCode::TopicAliasInvalid,
             Reason::Error(_) => DisconnectReasonCode::UnspecifiedError,
             Reason::MqttError(mqtt_error) => mqtt_error.to_reason_code(),
             Reason::Reasons(reasons) => {
@@ -2671,6 +2775,7 @@ impl Display for Reason {
             Reason::Error(r) => r,
             Reason::MqttError(e) => &e.to_string(),
             Reason::ProtocolError(r) => return write!(f, "ProtocolError({r})"),
+            Reason::TopicAliasInvalid(alias) => return write!(f, "TopicAliasInvalid({alias})"),
             Reason::Reasons(reasons) => match reasons.len() {
                 0 => "",
                 1 => return write!(f, "{}", reasons.first().map(|r| r.to_string()).unwrap_or_default()),
@@ -2723,6 +2828,11 @@ impl ServerTopicAliases {
     }
 }
 
+/// Fleet patch: the error of a PUBLISH whose Topic Alias this server cannot accept.
+#[derive(Debug, thiserror::Error)]
+#[error("topic alias {0} is invalid")]
+pub struct TopicAliasInvalid(pub u16);
+
 #[derive(Debug)]
 pub struct ClientTopicAliases {
     max_topic_aliases: usize,
@@ -2737,6 +2847,13 @@ impl ClientTopicAliases {
 
     #[inline]
     pub async fn set_and_get(&self, alias: Option<NonZeroU16>, topic: TopicName) -> Result<TopicName> {
+        // Fleet patch: an alias above the maximum announced in CONNACK is a protocol
+        // error [MQTT-3.3.2-9]; it used to be accepted while fewer aliases were in use.
+        if let Some(alias) = alias {
+            if alias.get() as usize > self.max_topic_aliases {
+                return Err(TopicAliasInvalid(alias.get()).into());
+            }
+        }
         match (alias, topic.len()) {
             (Some(alias), 0) => {
                 self.aliases.read().await.get(&alias).ok_or_else(|| {

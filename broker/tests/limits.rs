@@ -47,95 +47,92 @@ async fn stuck_subscriber(addr: SocketAddr, keep_session: bool) -> tokio::net::T
     stuck
 }
 
-fn counter(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .map_or(0, |line| line.rsplit(' ').next().unwrap().parse().unwrap())
+/// A broker whose subscribers may have 5 messages waiting (10 kept) and 1 in flight.
+async fn small_queue_broker() -> fleet_broker::RunningBroker {
+    fleet_broker::start(BrokerConfig {
+        mqtt_addr: loopback(),
+        http_addr: Some(loopback()),
+        max_inflight: NonZeroU16::MIN,
+        max_queue_len: 5,
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// 100 QoS 1 publishes to the stuck subscriber's topic.
+async fn publish_100_states(broker: &fleet_broker::RunningBroker) -> Watcher {
+    let publisher = Watcher::v5(broker.mqtt_addr(), "publisher", "nothing/#").await;
+    for i in 0..100 {
+        publisher
+            .publish("fleet/linus/state", format!("{{\"n\":{i}}}"))
+            .await;
+    }
+    publisher
+}
+
+/// Waits until every `(series, at least)` holds (counters update as the broker works).
+async fn wait_for_counters(broker: &fleet_broker::RunningBroker, wanted: &[(&str, f64)]) {
+    let http = broker.http_addr().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut missing = Vec::new();
+        for (series, at_least) in wanted {
+            let value = fleet_testkit::metric(http, series).await;
+            if value < *at_least {
+                missing.push(format!("{series} = {value}, wanted {at_least}"));
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{missing:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Nobody drains an offline session: what does not fit in its queue (twice
 /// `max_queue_len`) is dropped and counted, and its publishers are not held back for it.
 #[tokio::test]
 async fn messages_dropped_for_an_offline_session_are_counted() {
-    let broker = fleet_broker::start(BrokerConfig {
-        mqtt_addr: loopback(),
-        http_addr: Some(loopback()),
-        max_inflight: NonZeroU16::MIN,
-        max_queue_len: 5,
-        ..BrokerConfig::default()
-    })
-    .await
-    .unwrap();
+    let broker = small_queue_broker().await;
     let mut stuck = stuck_subscriber(broker.mqtt_addr(), true).await;
     stuck.write_all(&[0xe0, 0]).await.unwrap();
     drop(stuck);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let publisher = Watcher::v5(broker.mqtt_addr(), "publisher", "nothing/#").await;
-    for i in 0..100 {
-        publisher
-            .publish("fleet/linus/state", format!("{{\"n\":{i}}}"))
-            .await;
-    }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = fleet_testkit::metrics_text(broker.http_addr().unwrap()).await;
-        // The drops are counted as the broker works through the publishes: wait for all.
-        let dropped = counter(
-            &text,
+    let _publisher = publish_100_states(&broker).await;
+    wait_for_counters(
+        &broker,
+        &[(
             "fleet_broker_messages_dropped_total{reason=\"queue_full\"}",
-        );
-        if dropped >= 90 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no drops counted:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            90.0,
+        )],
+    )
+    .await;
 }
 
 /// A connected subscriber that reads nothing holds its publisher back for a moment, then
 /// is disconnected as a slow consumer (counted) and the publisher carries on.
 #[tokio::test]
 async fn a_stalled_subscriber_is_disconnected_and_its_publisher_carries_on() {
-    let broker = fleet_broker::start(BrokerConfig {
-        mqtt_addr: loopback(),
-        http_addr: Some(loopback()),
-        max_inflight: NonZeroU16::MIN,
-        max_queue_len: 5,
-        ..BrokerConfig::default()
-    })
-    .await
-    .unwrap();
+    let broker = small_queue_broker().await;
     let _stuck = stuck_subscriber(broker.mqtt_addr(), false).await;
-    let publisher = Watcher::v5(broker.mqtt_addr(), "publisher", "nothing/#").await;
-    for i in 0..100 {
-        publisher
-            .publish("fleet/linus/state", format!("{{\"n\":{i}}}"))
-            .await;
-    }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = fleet_testkit::metrics_text(broker.http_addr().unwrap()).await;
-        let slow = counter(
-            &text,
-            "fleet_broker_disconnects_total{reason=\"slow_consumer\"}",
-        );
-        let received = counter(
-            &text,
-            "fleet_broker_messages_received_total{topic=\"fleet/+/state\"}",
-        );
-        if slow == 1 && received >= 100 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no slow consumer disconnected:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _publisher = publish_100_states(&broker).await;
+    wait_for_counters(
+        &broker,
+        &[
+            (
+                "fleet_broker_disconnects_total{reason=\"slow_consumer\"}",
+                1.0,
+            ),
+            (
+                "fleet_broker_messages_received_total{topic=\"fleet/+/state\"}",
+                100.0,
+            ),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]

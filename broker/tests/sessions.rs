@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fleet_testkit::raw::{
-    Connect, connect_with, disconnect_v5, find_u16, packet, parse_properties, property_u16,
-    property_u32, publish_v5, read_packet, string, subscribe_v5,
+    Connect, connect_with, disconnect_v5, find_u16, packet, parse_properties, parse_publish_v5,
+    property_u16, property_u32, publish_v5, publish_v5_id, read_packet, string, subscribe_v5,
 };
 use fleet_testkit::{WAIT, metric};
 use tokio::io::AsyncWriteExt;
@@ -338,10 +338,9 @@ async fn a_subscriber_that_accepts_topic_aliases_gets_them() {
             .await
             .unwrap();
         let body = next_of(&mut subscriber, 0x30).await.expect("delivered");
-        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-        let (properties, payload) = parse_properties(&body[2 + topic_len..]).unwrap();
-        assert_eq!(payload, b"x");
-        seen.push((topic_len, find_u16(&properties, 0x23)));
+        let delivered = parse_publish_v5(0x30, &body).expect("a PUBLISH");
+        assert_eq!(delivered.payload, b"x");
+        seen.push((delivered.topic.len(), find_u16(&delivered.properties, 0x23)));
     }
     // The first carries the topic and sets the alias; the second has the alias alone.
     assert_eq!(seen, [(13, Some(1)), (0, Some(1))]);
@@ -358,11 +357,7 @@ async fn a_client_past_receive_maximum_reads_the_disconnect() {
     // with its own packet id, sent without reading a single PUBREC.
     let mut burst = Vec::new();
     for packet_id in 1..=1025u16 {
-        let mut body = string(b"fleet/flood");
-        body.extend(packet_id.to_be_bytes());
-        body.push(0);
-        body.extend_from_slice(b"payload");
-        burst.extend(packet(0x34, &body));
+        burst.extend(publish_v5_id(b"fleet/flood", b"payload", 2, packet_id, &[]));
     }
     stream.write_all(&burst).await.unwrap();
     // The broker has answered and disconnected by now; the client, slower, keeps going as
@@ -389,11 +384,7 @@ async fn a_client_past_receive_maximum_reads_the_disconnect() {
 
 /// A PUBLISH at QoS 1 with its own packet id (MQTT 5, no properties).
 fn qos1_publish(topic: &[u8], packet_id: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = string(topic);
-    body.extend(packet_id.to_be_bytes());
-    body.push(0);
-    body.extend_from_slice(payload);
-    packet(0x32, &body)
+    publish_v5_id(topic, payload, 1, packet_id, &[])
 }
 
 /// A subscriber that stops reading holds back the client publishing QoS 1 to it, instead
@@ -465,10 +456,13 @@ async fn a_slow_subscriber_holds_its_publisher_back_and_loses_nothing() {
         if first & 0xf0 != 0x30 {
             continue;
         }
-        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-        let packet_id = [body[2 + topic_len], body[3 + topic_len]];
-        let (_, payload) = parse_properties(&body[4 + topic_len..]).unwrap();
-        received.push(String::from_utf8_lossy(payload).parse::<u16>().unwrap());
+        let delivered = parse_publish_v5(first, &body).expect("a PUBLISH");
+        let packet_id = delivered.packet_id.expect("QoS 1").to_be_bytes();
+        received.push(
+            String::from_utf8_lossy(delivered.payload)
+                .parse::<u16>()
+                .unwrap(),
+        );
         subscriber
             .write_all(&packet(0x40, &packet_id))
             .await

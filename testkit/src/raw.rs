@@ -143,13 +143,52 @@ fn with_length(properties: &[u8]) -> Vec<u8> {
 
 /// An MQTT 5 PUBLISH (packet id 1 for QoS 1 and 2) with properties.
 pub fn publish_v5(topic: &[u8], payload: &[u8], qos: u8, properties: &[u8]) -> Vec<u8> {
+    publish_v5_id(topic, payload, qos, 1, properties)
+}
+
+/// An MQTT 5 PUBLISH with its own packet id (ignored at QoS 0) and properties.
+pub fn publish_v5_id(
+    topic: &[u8],
+    payload: &[u8],
+    qos: u8,
+    packet_id: u16,
+    properties: &[u8],
+) -> Vec<u8> {
     let mut body = string(topic);
     if qos > 0 {
-        body.extend([0, 1]);
+        body.extend(packet_id.to_be_bytes());
     }
     body.extend(with_length(properties));
     body.extend_from_slice(payload);
     packet(0x30 | (qos << 1), &body)
+}
+
+/// An MQTT 5 PUBLISH read back from its first byte and body.
+#[derive(Debug)]
+pub struct Delivered<'a> {
+    pub topic: &'a [u8],
+    pub packet_id: Option<u16>,
+    pub properties: Properties,
+    pub payload: &'a [u8],
+}
+
+/// The parts of an MQTT 5 PUBLISH, or `None` if it does not parse.
+pub fn parse_publish_v5(first_byte: u8, body: &[u8]) -> Option<Delivered<'_>> {
+    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let topic = body.get(2..2 + topic_len)?;
+    let mut rest = body.get(2 + topic_len..)?;
+    let mut packet_id = None;
+    if first_byte & 0x06 != 0 {
+        packet_id = Some(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+        rest = rest.get(2..)?;
+    }
+    let (properties, payload) = parse_properties(rest)?;
+    Some(Delivered {
+        topic,
+        packet_id,
+        properties,
+        payload,
+    })
 }
 
 /// An MQTT 5 SUBSCRIBE for one filter at `qos`.

@@ -206,6 +206,14 @@ for rep in $(seq 1 "$REPEAT"); do
     pair "fan-out-qos$qos-max" as_controller_to_robots fan-out --qos $qos --subscribers $ROBOTS --messages "$FANOUT_MESSAGES"
   done
 done
+# What each broker still holds once every client has gone: 2 s after the run, and 30 s
+# after, once fleet-broker's password threads have handed their argon2 memory back (after
+# 10 quiet seconds) and its queues have shrunk.
+rss_mib() { awk '/^VmRSS/ {printf "%.1f MiB", $2 / 1024}' "/proc/$1/status"; }
+sleep 2
+RSS_AFTER="resident memory, every client gone: 2 s after the run fleet-broker $(rss_mib $FLEET_PID), mosquitto $(rss_mib $MOSQ_PID)"
+sleep 28
+echo "$RSS_AFTER; 30 s after fleet-broker $(rss_mib $FLEET_PID), mosquitto $(rss_mib $MOSQ_PID)"
 # fleet-broker's own count of what it dropped, next to the one-warning-per-drop log lines.
 echo "fleet-broker, whole run: $(grep -c 'message dropped' "$OUT/fleet-broker.log" || true) \"message dropped\" log lines ($(du -h "$OUT/fleet-broker.log" | cut -f1) of log);" \
   "$(curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^fleet_broker_messages_dropped_total' | tr '\n' ' ' || true)"

@@ -6,7 +6,9 @@
 //!   queue is full the client is told the server is busy instead of waiting;
 //! - an address with failed logins backs off: after a few failures its next attempts are
 //!   refused without a check, for a time that doubles with every failure (capped);
-//! - one address has at most a couple of checks in flight.
+//! - one address has at most a couple of checks in flight; further logins from it wait
+//!   their turn (a fleet behind one NAT address all logging in after a broker restart),
+//!   a bounded number of them for a bounded time, and the rest are refused.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,7 +16,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use crate::acl::Role;
 use crate::auth::{Users, Verdict};
@@ -33,6 +35,10 @@ pub struct LoginLimits {
     /// The first wait; it doubles with every further failure.
     pub backoff: Duration,
     pub max_backoff: Duration,
+    /// Logins from one address waiting for one of its checks to end ...
+    pub waiting_per_address: usize,
+    /// ... each for at most this long before it is refused.
+    pub wait_for_turn: Duration,
     /// Addresses remembered (failures and checks in flight).
     pub max_tracked_addresses: usize,
 }
@@ -46,6 +52,8 @@ impl Default for LoginLimits {
             failures_before_backoff: 5,
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            waiting_per_address: 64,
+            wait_for_turn: Duration::from_secs(5),
             max_tracked_addresses: 10_000,
         }
     }
@@ -56,7 +64,7 @@ impl Default for LoginLimits {
 pub enum LoginOutcome {
     Allowed(Role),
     BadCredentials,
-    /// This address failed too often or has too many checks in flight: not checked.
+    /// This address failed too often, or too many of its logins were in line: not checked.
     Throttled,
     /// Every checking thread is busy and the queue is full: not checked.
     Busy,
@@ -68,6 +76,24 @@ struct AddressRecord {
     last_failure: Option<Instant>,
     blocked_until: Option<Instant>,
     in_flight: usize,
+    /// Logins in line for one of this address's checks.
+    waiting: usize,
+    /// Woken when one of its checks ends.
+    turn: Arc<Notify>,
+}
+
+impl AddressRecord {
+    fn forgettable(&self, now: Instant) -> bool {
+        self.in_flight == 0 && self.waiting == 0 && self.blocked_until.is_none_or(|t| t <= now)
+    }
+}
+
+/// What `begin` found for one login.
+enum Turn {
+    Now(InFlight),
+    /// All of the address's checks are taken: wait for this, then ask again.
+    Wait(Arc<Notify>),
+    Refused,
 }
 
 struct Job {
@@ -85,6 +111,9 @@ pub struct Logins {
 
 /// An address's failures are forgotten this long after its last one.
 const FORGIVE_AFTER: Duration = Duration::from_secs(600);
+
+/// A login in line looks for a free check at least this often.
+const RECHECK_TURN: Duration = Duration::from_millis(50);
 
 /// Working memory is handed back after this long without a check.
 const IDLE_RELEASE: Duration = Duration::from_secs(10);
@@ -113,9 +142,33 @@ impl Logins {
         if let Some(role) = self.users.cached(username, password) {
             return LoginOutcome::Allowed(role);
         }
-        let Some(_in_flight) = self.begin(address) else {
-            return LoginOutcome::Throttled;
+        let deadline = tokio::time::Instant::now() + self.limits.wait_for_turn;
+        let mut in_line: Option<InLine> = None;
+        let _in_flight = loop {
+            match self.begin(address, in_line.is_some()) {
+                Turn::Now(slot) => break slot,
+                Turn::Refused => return LoginOutcome::Throttled,
+                Turn::Wait(turn) => {
+                    if in_line.is_none() {
+                        in_line = Some(InLine {
+                            table: self.addresses.clone(),
+                            address,
+                        });
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return LoginOutcome::Throttled;
+                    }
+                    // A wake-up can be taken by another login in line: look again now
+                    // and then even without one.
+                    let _ = tokio::time::timeout_at(
+                        deadline.min(tokio::time::Instant::now() + RECHECK_TURN),
+                        turn.notified(),
+                    )
+                    .await;
+                }
+            }
         };
+        drop(in_line);
         let (answer, verdict) = oneshot::channel();
         let job = Job {
             username: username.to_owned(),
@@ -140,24 +193,25 @@ impl Logins {
         self.addresses.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A slot for one check from `address`, or `None` while it must wait.
-    fn begin(&self, address: IpAddr) -> Option<InFlight> {
+    /// A slot for one check from `address`, a place in its line, or a refusal.
+    /// `in_line`: this login already counts among the address's waiting ones.
+    fn begin(&self, address: IpAddr, in_line: bool) -> Turn {
         let now = Instant::now();
         let mut table = self.lock();
         if !table.contains_key(&address) && table.len() >= self.limits.max_tracked_addresses {
-            table.retain(|_, r| r.in_flight > 0 || r.blocked_until.is_some_and(|t| t > now));
+            table.retain(|_, r| !r.forgettable(now));
             if table.len() >= self.limits.max_tracked_addresses {
                 // Still full of addresses that are waiting: forget the one that frees first.
                 let soonest = table
                     .iter()
-                    .filter(|(_, r)| r.in_flight == 0)
+                    .filter(|(_, r)| r.in_flight == 0 && r.waiting == 0)
                     .min_by_key(|(_, r)| r.blocked_until)
                     .map(|(ip, _)| *ip);
                 match soonest {
                     Some(ip) => {
                         table.remove(&ip);
                     }
-                    None => return None,
+                    None => return Turn::Refused,
                 }
             }
         }
@@ -169,13 +223,21 @@ impl Logins {
             record.failures = 0;
             record.last_failure = None;
         }
-        if record.blocked_until.is_some_and(|until| until > now)
-            || record.in_flight >= self.limits.in_flight_per_address
-        {
-            return None;
+        if record.blocked_until.is_some_and(|until| until > now) {
+            return Turn::Refused;
+        }
+        if record.in_flight >= self.limits.in_flight_per_address {
+            if in_line {
+                return Turn::Wait(record.turn.clone());
+            }
+            if record.waiting >= self.limits.waiting_per_address {
+                return Turn::Refused;
+            }
+            record.waiting += 1;
+            return Turn::Wait(record.turn.clone());
         }
         record.in_flight += 1;
-        Some(InFlight {
+        Turn::Now(InFlight {
             table: self.addresses.clone(),
             address,
         })
@@ -229,12 +291,40 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(record) = table.get_mut(&self.address) {
+        count_out(&self.table, self.address, |record| {
             record.in_flight = record.in_flight.saturating_sub(1);
-            if record.in_flight == 0 && record.failures == 0 {
-                table.remove(&self.address);
-            }
+            record.turn.notify_one();
+        });
+    }
+}
+
+/// A login waiting for one of its address's checks; counted out when it gets one, gives
+/// up, or the client goes away.
+struct InLine {
+    table: Arc<Mutex<HashMap<IpAddr, AddressRecord>>>,
+    address: IpAddr,
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        count_out(&self.table, self.address, |record| {
+            record.waiting = record.waiting.saturating_sub(1);
+        });
+    }
+}
+
+/// Updates an address's record as a login leaves, and forgets an address with nothing
+/// left to remember.
+fn count_out(
+    table: &Mutex<HashMap<IpAddr, AddressRecord>>,
+    address: IpAddr,
+    leave: impl FnOnce(&mut AddressRecord),
+) {
+    let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(record) = table.get_mut(&address) {
+        leave(record);
+        if record.failures == 0 && record.forgettable(Instant::now()) {
+            table.remove(&address);
         }
     }
 }
@@ -311,6 +401,71 @@ mod tests {
             logins.check(robot, "nobody", b"x").await,
             LoginOutcome::BadCredentials,
             "other addresses are checked as usual"
+        );
+    }
+
+    #[tokio::test]
+    async fn logins_from_one_address_wait_their_turn_up_to_a_bound() {
+        // Two checks at a time per address, as by default: the rest of a fleet behind one
+        // NAT address, logging in at once, waits instead of being refused.
+        let limits = LoginLimits {
+            in_flight_per_address: 2,
+            waiting_per_address: 8,
+            ..LoginLimits::default()
+        };
+        let logins = Arc::new(Logins::start(users(), limits).unwrap());
+        let nat: IpAddr = "10.0.0.1".parse().unwrap();
+        // Wrong passwords are never cached, so every one of these is a real check.
+        let attempts = (0..10).map(|_| {
+            let logins = logins.clone();
+            tokio::spawn(async move { logins.check(nat, "linus", b"not-it").await })
+        });
+        let mut outcomes = Vec::new();
+        for attempt in attempts {
+            outcomes.push(attempt.await.unwrap());
+        }
+        let checked = outcomes
+            .iter()
+            .filter(|o| **o == LoginOutcome::BadCredentials)
+            .count();
+        // 2 checked at once and 8 in line; the 5th failure makes the address wait (the
+        // 6th may be running by then), so the logins still in line are refused unchecked.
+        assert!((5..=6).contains(&checked), "{outcomes:?}");
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| **o == LoginOutcome::Throttled)
+                .count(),
+            10 - checked
+        );
+
+        let limits = LoginLimits {
+            in_flight_per_address: 1,
+            waiting_per_address: 2,
+            ..LoginLimits::default()
+        };
+        let logins = Arc::new(Logins::start(users(), limits).unwrap());
+        let attempts: Vec<_> = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|name| {
+                let logins = logins.clone();
+                tokio::spawn(async move { logins.check(nat, name, b"x").await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for attempt in attempts {
+            outcomes.push(attempt.await.unwrap());
+        }
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [
+                LoginOutcome::BadCredentials,
+                LoginOutcome::BadCredentials,
+                LoginOutcome::BadCredentials,
+                LoginOutcome::Throttled
+            ],
+            "one checked, two in line, the fourth refused"
         );
     }
 }

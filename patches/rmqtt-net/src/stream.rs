@@ -23,6 +23,43 @@ use rmqtt_codec::v5::Codec as CodecV5;
 use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
 use rmqtt_codec::{MqttCodec, MqttPacket};
 
+/// Fleet patch: tokio-util's `Framed::new` gives every connection an 8 KiB read buffer and
+/// an 8 KiB write buffer, most of a connection's memory on a broker whose clients are
+/// idle most of the time. They start small here and grow with what arrives or is queued
+/// (`Framed` reserves what a frame needs), the read buffer to 8 KiB once the connection
+/// is busy (`grow_read_buffer_when_busy`); writes are still flushed once 8 KiB wait.
+const FLEET_READ_BUFFER: usize = 512;
+const FLEET_WRITE_BOUNDARY: usize = 8 * 1024;
+const FLEET_BUSY_READ_BUFFER: usize = 8 * 1024;
+
+/// Fleet patch: a connection whose packets come faster than one per read (the next one
+/// already read once a packet is decoded, for 32 packets in a row: more than a client's
+/// subscriptions after its CONNECT) gets the full 8 KiB read buffer, once, so that one
+/// read takes many packets again.
+fn grow_read_buffer_when_busy<Io>(io: &mut Framed<Io, MqttCodec>, busy_streak: &mut u8) {
+    const GROWN: u8 = u8::MAX;
+    if *busy_streak == GROWN {
+        return;
+    }
+    if io.read_buffer().is_empty() {
+        *busy_streak = 0;
+        return;
+    }
+    *busy_streak += 1;
+    if *busy_streak >= 32 {
+        *busy_streak = GROWN;
+        let buffer = io.read_buffer_mut();
+        buffer.reserve(FLEET_BUSY_READ_BUFFER.saturating_sub(buffer.len()));
+    }
+}
+
+fn small_framed<Io: AsyncRead + AsyncWrite>(io: Io, codec: MqttCodec) -> Framed<Io, MqttCodec> {
+    let mut framed = Framed::with_capacity(io, codec, FLEET_READ_BUFFER);
+    *framed.write_buffer_mut() = Default::default();
+    framed.set_backpressure_boundary(FLEET_WRITE_BOUNDARY);
+    framed
+}
+
 /// MQTT protocol dispatcher handling version negotiation
 ///
 /// Manages initial protocol detection and creates version-specific streams
@@ -52,7 +89,7 @@ where
         cfg: Arc<Builder>,
         ticket: Option<crate::Ticket>,
     ) -> Self {
-        Dispatcher { io: Framed::new(io, MqttCodec::Version(VersionCodec)), remote_addr, cfg, cert_info, ticket }
+        Dispatcher { io: small_framed(io, MqttCodec::Version(VersionCodec)), remote_addr, cfg, cert_info, ticket }
     }
 
     /// Negotiates protocol version and returns appropriate stream
@@ -72,6 +109,7 @@ where
                 #[cfg(feature = "tls")]
                 cert_info: self.cert_info,
                 ticket: self.ticket,
+                busy_streak: 0,
             }),
             ProtocolVersion::MQTT5 => MqttStream::V5(v5::MqttStream {
                 io: self.io,
@@ -80,6 +118,7 @@ where
                 #[cfg(feature = "tls")]
                 cert_info: self.cert_info,
                 ticket: self.ticket,
+                busy_streak: 0,
             }),
         })
     }
@@ -146,6 +185,9 @@ pub mod v3 {
         pub cert_info: Option<CertInfo>,
         /// Fleet patch: what the gate gave this connection (lives as long as it)
         pub ticket: Option<crate::Ticket>,
+        /// Fleet patch: packets in a row that found the next one already read (see
+        /// `grow_read_buffer_when_busy`)
+        pub busy_streak: u8,
     }
 
     /// # Examples
@@ -289,7 +331,10 @@ pub mod v3 {
         #[inline]
         pub async fn recv(&mut self, tm: Duration) -> Result<Option<rmqtt_codec::v3::Packet>> {
             match tokio::time::timeout(tm, self.next()).await {
-                Ok(Some(Ok(msg))) => Ok(Some(msg)),
+                Ok(Some(Ok(msg))) => {
+                    super::grow_read_buffer_when_busy(&mut self.io, &mut self.busy_streak);
+                    Ok(Some(msg))
+                }
                 Ok(Some(Err(e))) => Err(e),
                 Ok(None) => Ok(None),
                 Err(_) => Err(MqttError::ReadTimeout.into()),
@@ -387,6 +432,9 @@ pub mod v5 {
         pub cert_info: Option<CertInfo>,
         /// Fleet patch: what the gate gave this connection (lives as long as it)
         pub ticket: Option<crate::Ticket>,
+        /// Fleet patch: packets in a row that found the next one already read (see
+        /// `grow_read_buffer_when_busy`)
+        pub busy_streak: u8,
     }
 
     /// # Examples
@@ -528,7 +576,10 @@ pub mod v5 {
         #[inline]
         pub async fn recv(&mut self, tm: Duration) -> Result<Option<rmqtt_codec::v5::Packet>> {
             match tokio::time::timeout(tm, self.next()).await {
-                Ok(Some(Ok(msg))) => Ok(Some(msg)),
+                Ok(Some(Ok(msg))) => {
+                    super::grow_read_buffer_when_busy(&mut self.io, &mut self.busy_streak);
+                    Ok(Some(msg))
+                }
                 Ok(Some(Err(e))) => Err(e),
                 Ok(None) => Ok(None),
                 Err(_) => Err(MqttError::ReadTimeout.into()),

@@ -91,10 +91,12 @@ where
             scx.handshakings.dec();
         }
 
-        let (state, keep_alive) = match handshake(&scx, &mut sink, lid).await {
+        // Fleet patch: boxed, so that the handshake takes no room in the connection's task
+        // once it is over (see `SessionState::run`).
+        let (state, keep_alive) = match Box::pin(handshake(&scx, &mut sink, lid)).await {
             Ok(c) => c,
             Err((ack_code, e)) => {
-                refused_ack(&scx, &mut sink, None, ack_code, e.to_string()).await?;
+                Box::pin(refused_ack(&scx, &mut sink, None, ack_code, e.to_string())).await?;
                 if let Err(e) = sink.close().await {
                     log::info!("{lid} close io error, {e}");
                 }

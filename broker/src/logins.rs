@@ -404,6 +404,27 @@ mod tests {
         );
     }
 
+    /// One login per username from `address`, all started at once.
+    async fn all_at_once(
+        logins: &Arc<Logins>,
+        address: IpAddr,
+        usernames: &[&'static str],
+        password: &'static [u8],
+    ) -> Vec<LoginOutcome> {
+        let attempts: Vec<_> = usernames
+            .iter()
+            .map(|&username| {
+                let logins = logins.clone();
+                tokio::spawn(async move { logins.check(address, username, password).await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for attempt in attempts {
+            outcomes.push(attempt.await.unwrap());
+        }
+        outcomes
+    }
+
     #[tokio::test]
     async fn logins_from_one_address_wait_their_turn_up_to_a_bound() {
         // Two checks at a time per address, as by default: the rest of a fleet behind one
@@ -416,14 +437,7 @@ mod tests {
         let logins = Arc::new(Logins::start(users(), limits).unwrap());
         let nat: IpAddr = "10.0.0.1".parse().unwrap();
         // Wrong passwords are never cached, so every one of these is a real check.
-        let attempts = (0..10).map(|_| {
-            let logins = logins.clone();
-            tokio::spawn(async move { logins.check(nat, "linus", b"not-it").await })
-        });
-        let mut outcomes = Vec::new();
-        for attempt in attempts {
-            outcomes.push(attempt.await.unwrap());
-        }
+        let outcomes = all_at_once(&logins, nat, &["linus"; 10], b"not-it").await;
         let checked = outcomes
             .iter()
             .filter(|o| **o == LoginOutcome::BadCredentials)
@@ -445,17 +459,7 @@ mod tests {
             ..LoginLimits::default()
         };
         let logins = Arc::new(Logins::start(users(), limits).unwrap());
-        let attempts: Vec<_> = ["a", "b", "c", "d"]
-            .into_iter()
-            .map(|name| {
-                let logins = logins.clone();
-                tokio::spawn(async move { logins.check(nat, name, b"x").await })
-            })
-            .collect();
-        let mut outcomes = Vec::new();
-        for attempt in attempts {
-            outcomes.push(attempt.await.unwrap());
-        }
+        let mut outcomes = all_at_once(&logins, nat, &["a", "b", "c", "d"], b"x").await;
         outcomes.sort_by_key(|o| format!("{o:?}"));
         assert_eq!(
             outcomes,

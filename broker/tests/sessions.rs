@@ -13,7 +13,7 @@ use fleet_testkit::raw::{
     Connect, connect_with, disconnect_v5, find_u16, packet, parse_properties, parse_publish_v5,
     property_u16, property_u32, publish_v5, publish_v5_id, read_packet, string, subscribe_v5,
 };
-use fleet_testkit::{WAIT, metric};
+use fleet_testkit::{WAIT, metric, process_rss_mib};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -537,15 +537,6 @@ async fn a_held_back_robot_still_gets_its_estop() {
     );
 }
 
-fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn an_idle_connection_costs_little_memory() {
     // What one idle robot's connection costs the broker: a CONNECT, its subscription,
@@ -559,7 +550,7 @@ async fn an_idle_connection_costs_little_memory() {
     // A connection first, so that what the first one allocates once is not counted.
     let (_first, _) = connect_with(broker.mqtt, &v5("robot-warmup")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = resident_kib(pid);
+    let before = process_rss_mib(pid);
     let mut connections = Vec::with_capacity(CONNECTIONS);
     for n in 0..CONNECTIONS {
         let client_id = format!("robot-{n}");
@@ -574,7 +565,7 @@ async fn an_idle_connection_costs_little_memory() {
         connections.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let per_connection = (resident_kib(pid) - before) as f64 / CONNECTIONS as f64;
+    let per_connection = (process_rss_mib(pid) - before) * 1024.0 / CONNECTIONS as f64;
     println!("broker memory per idle connection: {per_connection:.1} KiB");
     assert!(
         per_connection < 15.0,

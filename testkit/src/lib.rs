@@ -535,7 +535,16 @@ pub async fn metric(http: SocketAddr, series: &str) -> f64 {
 
 /// This process's resident memory in MiB (Linux), for tests that bound what a flood costs.
 pub fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    resident_mib("self")
+}
+
+/// Another process's resident memory in MiB (Linux), 0 when it cannot be read.
+pub fn process_rss_mib(pid: u32) -> f64 {
+    resident_mib(&pid.to_string())
+}
+
+fn resident_mib(process: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
         .ok()
         .and_then(|status| {
             status

@@ -206,7 +206,7 @@ impl SessionState {
         // Fleet patch: what runs once, after the connection, is boxed (as are the
         // handlers in `run_loop`), so that it takes no room in the connection's task for
         // as long as the connection lives: the task's future is as large as its largest
-        // state, and every idle connection held all of it (5.8 KiB).
+        // state, and every idle connection held all of it (5.9 KiB).
         Box::pin(self.after_online(run, sink, flags, deliver_queue_tx)).await;
     }
 

@@ -51,6 +51,7 @@
 //! ```
 
 pub mod acl; // Access Control List management
+mod branches; // Fleet patch: the children of a node in the topic trees
 pub mod args; // Command-line argument parsing
 pub mod context; // Shared execution context
 

@@ -68,8 +68,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::RwLock;
 
+use crate::branches::Branches;
 use crate::topic::{Level, Topic};
-use crate::types::{HashMap, Retain, TimedValue, TopicFilter, TopicName};
+use crate::types::{Retain, TimedValue, TopicFilter, TopicName};
 use crate::utils::{Counter, StatsMergeMode};
 use crate::Result;
 
@@ -354,13 +355,14 @@ pub type RetainTree<V> = Node<V>;
 /// to child nodes, forming a tree that represents the topic hierarchy.
 pub struct Node<V> {
     value: Option<V>,
-    branches: HashMap<Level, Node<V>>,
+    // Fleet patch: `Branches`, not a `HashMap` (see `branches.rs`).
+    branches: Branches<Level, Node<V>>,
 }
 
 impl<V> Default for Node<V> {
     #[inline]
     fn default() -> Node<V> {
-        Self { value: None, branches: HashMap::default() }
+        Self { value: None, branches: Branches::default() }
     }
 }
 
@@ -379,7 +381,7 @@ where
     #[inline]
     fn _insert(&mut self, mut path: Vec<Level>, value: V) {
         if let Some(first) = path.pop() {
-            self.branches.entry(first).or_default()._insert(path, value)
+            self.branches.entry_or_default(first)._insert(path, value)
         } else {
             self.value.replace(value);
         }
@@ -536,8 +538,8 @@ where
     }
 
     #[inline]
-    pub fn children(&self) -> &HashMap<Level, Node<V>> {
-        &self.branches
+    pub fn children(&self) -> impl Iterator<Item = (&Level, &Node<V>)> + '_ {
+        self.branches.iter()
     }
 
     #[inline]

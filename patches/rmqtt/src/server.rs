@@ -217,6 +217,24 @@ impl MqttServer {
     }
 }
 
+/// Fleet patch: the session of a connection whose MQTT version is known. The caller awaits
+/// it at once, with nothing of the version detection kept alive beside it: matching on
+/// the detected stream across the session's `.await` kept that stream (328 bytes, moved
+/// out but still in scope) in the connection's task for as long as it lived.
+fn session<Io>(
+    scx: ServerContext,
+    stream: MqttStream<Io>,
+    lid: ListenerId,
+) -> impl std::future::Future<Output = Result<()>>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match stream {
+        MqttStream::V3(s) => futures::future::Either::Left(v3::process(scx, s, lid)),
+        MqttStream::V5(s) => futures::future::Either::Right(v5::process(scx, s, lid)),
+    }
+}
+
 /// Handles incoming TCP connections
 /// # Arguments
 /// * `scx` - Server context
@@ -239,20 +257,16 @@ async fn listen_tcp(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3 processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5 processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    let stream = match stream.mqtt().await {
+                        Ok(s) => s,
                         Err(e) => {
                             log::info!("MQTT version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    let version = if matches!(stream, MqttStream::V3(_)) { "MQTTv3" } else { "MQTTv5" };
+                    if let Err(e) = session(scx, stream, lid).await {
+                        log::info!("{version} processing error: {e}, from: {remote_addr}");
                     }
                 });
             }
@@ -279,7 +293,9 @@ async fn listen_tls(scx: ServerContext, l: &Listener, lid: ListenerId) {
                     let remote_addr = accept.remote_addr;
                     log::debug!("TLS connection from {remote_addr}");
 
-                    let stream = match accept.tls().await {
+                    // Fleet patch: boxed, so that the TLS or websocket handshake takes no room in the
+                    // connection's task once it is over.
+                    let stream = match Box::pin(accept.tls()).await {
                         Ok(s) => s,
                         Err(e) => {
                             log::warn!("TLS accept error: {e}, from: {remote_addr}");
@@ -287,20 +303,16 @@ async fn listen_tls(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3/TLS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5/TLS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    let stream = match stream.mqtt().await {
+                        Ok(s) => s,
                         Err(e) => {
                             log::info!("MQTT/TLS version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    let version = if matches!(stream, MqttStream::V3(_)) { "MQTTv3" } else { "MQTTv5" };
+                    if let Err(e) = session(scx, stream, lid).await {
+                        log::info!("{version}/TLS processing error: {e}, from: {remote_addr}");
                     }
                 });
             }
@@ -327,7 +339,9 @@ async fn listen_ws(scx: ServerContext, l: &Listener, lid: ListenerId) {
                     let remote_addr = accept.remote_addr;
                     log::debug!("WebSocket connection from {remote_addr}");
 
-                    let stream = match accept.ws().await {
+                    // Fleet patch: boxed, so that the TLS or websocket handshake takes no room in the
+                    // connection's task once it is over.
+                    let stream = match Box::pin(accept.ws()).await {
                         Ok(s) => s,
                         Err(e) => {
                             log::warn!("WebSocket accept error: {e}, from: {remote_addr}");
@@ -335,20 +349,16 @@ async fn listen_ws(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3/WS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5/WS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    let stream = match stream.mqtt().await {
+                        Ok(s) => s,
                         Err(e) => {
                             log::info!("MQTT/WS version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    let version = if matches!(stream, MqttStream::V3(_)) { "MQTTv3" } else { "MQTTv5" };
+                    if let Err(e) = session(scx, stream, lid).await {
+                        log::info!("{version}/WS processing error: {e}, from: {remote_addr}");
                     }
                 });
             }
@@ -375,7 +385,9 @@ async fn listen_wss(scx: ServerContext, l: &Listener, lid: ListenerId) {
                     let remote_addr = accept.remote_addr;
                     log::debug!("WSS connection from {remote_addr}");
 
-                    let stream = match accept.wss().await {
+                    // Fleet patch: boxed, so that the TLS or websocket handshake takes no room in the
+                    // connection's task once it is over.
+                    let stream = match Box::pin(accept.wss()).await {
                         Ok(s) => s,
                         Err(e) => {
                             log::warn!("WSS accept error: {e}, from: {remote_addr}");
@@ -383,20 +395,16 @@ async fn listen_wss(scx: ServerContext, l: &Listener, lid: ListenerId) {
                         }
                     };
 
-                    match stream.mqtt().await {
-                        Ok(MqttStream::V3(s)) => {
-                            if let Err(e) = v3::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv3/WSS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
-                        Ok(MqttStream::V5(s)) => {
-                            if let Err(e) = v5::process(scx.clone(), s, lid).await {
-                                log::info!("MQTTv5/WSS processing error: {e}, from: {remote_addr}");
-                            }
-                        }
+                    let stream = match stream.mqtt().await {
+                        Ok(s) => s,
                         Err(e) => {
                             log::info!("MQTT/WSS version detection failed: {e}, from: {remote_addr}");
+                            return;
                         }
+                    };
+                    let version = if matches!(stream, MqttStream::V3(_)) { "MQTTv3" } else { "MQTTv5" };
+                    if let Err(e) = session(scx, stream, lid).await {
+                        log::info!("{version}/WSS processing error: {e}, from: {remote_addr}");
                     }
                 });
             }

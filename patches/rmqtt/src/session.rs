@@ -187,11 +187,15 @@ impl SessionState {
         &self.tx
     }
 
+    // Fleet patch: a function returning an `async move` block rather than an `async fn`,
+    // which would copy `self` and `sink` into its body and keep room for both copies in
+    // the connection's task for as long as it lives (432 bytes).
     #[inline]
-    pub(crate) async fn run<Io>(mut self, mut sink: Sink<Io>, keep_alive: u16)
+    pub(crate) fn run<Io>(mut self, mut sink: Sink<Io>, keep_alive: u16) -> impl std::future::Future<Output = ()>
     where
         Io: AsyncRead + AsyncWrite + Unpin,
     {
+      async move {
         let limiter = {
             let (burst, replenish_n_per) = self.fitter.mqueue_rate_limit();
             Limiter::new(burst, replenish_n_per)
@@ -208,6 +212,7 @@ impl SessionState {
         // as long as the connection lives: the task's future is as large as its largest
         // state, and every idle connection held all of it (5.9 KiB).
         Box::pin(self.after_online(run, sink, flags, deliver_queue_tx)).await;
+      }
     }
 
     /// Fleet patch: the end of `run`, moved out unchanged so that it can be boxed.
@@ -463,23 +468,13 @@ impl SessionState {
                 pkt = sink.recv(), if held_back.is_none() => {
                     log::debug!("{:?} pkt: {:?}", state.id, pkt);
                     keep_alive_delay.as_mut().reset(Instant::now() + keep_alive_interval);
-                    match pkt? {
-                        Some(pkt) => {
-                            let congested = CONGESTED
-                                .scope(std::cell::RefCell::new(Vec::new()), async {
-                                    Box::pin(state.process_mqtt_message(sink, pkt, flags)).await?;
-                                    Ok::<_, Reason>(CONGESTED.with(|c| c.take()))
-                                })
-                                .await?;
-                            if !congested.is_empty() {
-                                let congested =
-                                    congested.into_iter().map(|tx| { let written = tx.backlog.written(); (tx, written) }).collect();
-                                held_back = Some((congested, Instant::now() + HELD_BACK_AT_MOST));
-                            }
-                        },
-                        None => {
-                            return Err(Reason::ConnectRemoteClose);
-                        }
+                    // Fleet patch: the packet is moved into a boxed future, so that neither
+                    // it nor its handling takes room in the task while the connection idles.
+                    let congested = Box::pin(state.process_received(sink, pkt, flags)).await?;
+                    if !congested.is_empty() {
+                        let congested =
+                            congested.into_iter().map(|tx| { let written = tx.backlog.written(); (tx, written) }).collect();
+                        held_back = Some((congested, Instant::now() + HELD_BACK_AT_MOST));
                     }
                 }
             }
@@ -805,6 +800,30 @@ impl SessionState {
     }
 
     #[inline]
+    /// Fleet patch: what `run_loop` did with a packet read from the client, moved here to be
+    /// boxed. Returns the congested sessions the packet was forwarded to (see `Backlog`).
+    async fn process_received<Io>(
+        &mut self,
+        sink: &mut Sink<Io>,
+        pkt: Result<Option<Packet>>,
+        flags: &mut StateFlags,
+    ) -> std::result::Result<Vec<SessionTx>, Reason>
+    where
+        Io: AsyncRead + AsyncWrite + Unpin,
+    {
+        match pkt? {
+            Some(pkt) => {
+                CONGESTED
+                    .scope(std::cell::RefCell::new(Vec::new()), async {
+                        Box::pin(self.process_mqtt_message(sink, pkt, flags)).await?;
+                        Ok::<_, Reason>(CONGESTED.with(|c| c.take()))
+                    })
+                    .await
+            }
+            None => Err(Reason::ConnectRemoteClose),
+        }
+    }
+
     async fn process_mqtt_message<Io>(
         &mut self,
         sink: &mut Sink<Io>,

@@ -57,11 +57,11 @@ use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
 
+use crate::branches::Branches;
 use crate::topic::Level;
 use crate::topic::Topic;
 use crate::types::TopicFilter;
 
-type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 type ValueSet<K> = std::collections::BTreeSet<K>;
 
 /// A topic trie tree, alias for [`Node<V>`].
@@ -83,7 +83,8 @@ pub type TopicTree<V> = Node<V>;
 #[derive(Serialize, Deserialize)]
 pub struct Node<V: Ord> {
     values: ValueSet<V>,
-    branches: HashMap<Level, Node<V>>,
+    // Fleet patch: `Branches`, not a `HashMap` (see `branches.rs`).
+    branches: Branches<Level, Node<V>>,
 }
 
 impl<V> Default for Node<V>
@@ -92,7 +93,7 @@ where
 {
     #[inline]
     fn default() -> Node<V> {
-        Self { values: ValueSet::default(), branches: HashMap::default() }
+        Self { values: ValueSet::default(), branches: Branches::default() }
     }
 }
 
@@ -119,7 +120,7 @@ where
     #[inline]
     fn _insert(&mut self, mut path: Vec<Level>, value: V) -> bool {
         if let Some(first) = path.pop() {
-            self.branches.entry(first).or_default()._insert(path, value)
+            self.branches.entry_or_default(first)._insert(path, value)
         } else {
             self.values.insert(value)
         }
@@ -176,8 +177,8 @@ where
     }
 
     #[inline]
-    pub fn children(&self) -> &HashMap<Level, Node<V>> {
-        &self.branches
+    pub fn children(&self) -> impl Iterator<Item = (&Level, &Node<V>)> + '_ {
+        self.branches.iter()
     }
 
     #[inline]

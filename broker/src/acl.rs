@@ -66,8 +66,14 @@ impl Default for AclTopics {
 /// filters). `fleet/linus/cmd/+` is within `fleet/linus/cmd/#`; `fleet/+/cmd/+` is not
 /// within `fleet/linus/cmd/#`.
 pub fn filter_within(filter: &str, allowed: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut a = allowed.split('/');
+    levels_within(filter.split('/'), allowed.split('/'))
+}
+
+/// `filter_within` over the filters' levels.
+fn levels_within<'f, 'a>(
+    mut f: impl Iterator<Item = &'f str>,
+    mut a: impl Iterator<Item = &'a str>,
+) -> bool {
     loop {
         match (f.next(), a.next()) {
             (_, Some("#")) => return true,
@@ -85,11 +91,6 @@ pub fn filter_within(filter: &str, allowed: &str) -> bool {
             _ => return false,
         }
     }
-}
-
-/// Whether `topic` (a topic name, no wildcards) matches the filter `allowed`.
-pub fn topic_matches(topic: &str, allowed: &str) -> bool {
-    !topic.contains(['+', '#']) && filter_within(topic, allowed)
 }
 
 impl AclTopics {
@@ -112,29 +113,6 @@ impl AclTopics {
         }
     }
 
-    /// Topics a user may publish to (as filters).
-    fn publish_scopes(&self, role: Role, username: &str) -> Vec<String> {
-        let (p, d) = (self.prefix(), &self.discovery_prefix);
-        match role {
-            Role::Admin => vec!["#".to_owned()],
-            Role::Controller => vec![format!("{p}/+/cmd/+"), format!("{d}/status")],
-            Role::Reader => Vec::new(),
-            Role::Robot => vec![
-                format!("{p}/{username}/state"),
-                format!("{p}/{username}/status"),
-                format!("{p}/{username}/result"),
-                // Results for a gateway's commands, on that gateway's reply topic for this
-                // robot: a robot cannot answer for another one.
-                format!("{p}/_gateway/+/{username}/result"),
-                // Its own Home Assistant device, nobody else's.
-                format!(
-                    "{d}/device/{}/config",
-                    fleet_protocol::discovery::object_id(&self.fleet, username)
-                ),
-            ],
-        }
-    }
-
     pub fn may_subscribe(&self, role: Role, username: &str, filter: &str) -> bool {
         // A shared subscription is judged by the filter it shares.
         let filter = match filter.strip_prefix("$share/") {
@@ -146,10 +124,40 @@ impl AclTopics {
             .any(|scope| filter_within(filter, scope))
     }
 
+    /// Whether the user may publish to `topic`. Runs for every message, so the filters
+    /// a role may publish within are matched piece by piece (the prefixes may have
+    /// several levels) rather than built as strings first.
     pub fn may_publish(&self, role: Role, username: &str, topic: &str) -> bool {
-        self.publish_scopes(role, username)
-            .iter()
-            .any(|scope| topic_matches(topic, scope))
+        if topic.contains(['+', '#']) {
+            return false;
+        }
+        let within = |scope: &[&str]| {
+            levels_within(
+                topic.split('/'),
+                scope.iter().flat_map(|piece| piece.split('/')),
+            )
+        };
+        let (p, d) = (self.prefix(), self.discovery_prefix.as_str());
+        match role {
+            Role::Admin => true,
+            Role::Controller => within(&[p, "+", "cmd", "+"]) || within(&[d, "status"]),
+            Role::Reader => false,
+            Role::Robot => {
+                within(&[p, username, "state"])
+                    || within(&[p, username, "status"])
+                    || within(&[p, username, "result"])
+                    // Results for a gateway's commands, on that gateway's reply topic for
+                    // this robot: a robot cannot answer for another one.
+                    || within(&[p, "_gateway", "+", username, "result"])
+                    // Its own Home Assistant device, nobody else's.
+                    || within(&[
+                        d,
+                        "device",
+                        &fleet_protocol::discovery::object_id(&self.fleet, username),
+                        "config",
+                    ])
+            }
+        }
     }
 }
 

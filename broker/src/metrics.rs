@@ -2,7 +2,7 @@
 //! replaced by `+`) with a hard cap on distinct series, so 10,000 robots cannot blow up
 //! the series count.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Mutex;
 
@@ -22,6 +22,45 @@ pub const MAX_TOPIC_SERIES: usize = 200;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicLabels {
     topic: String,
+}
+
+/// Exact topics whose counters are kept at hand (see `TopicCounters`), and the longest
+/// topic kept: at most about 1.5 MiB, whatever topics clients make up.
+const CACHED_TOPICS: usize = 8192;
+const CACHED_TOPIC_MAX_BYTES: usize = 128;
+
+/// Counters by topic template, with the counter of each topic counted recently kept under
+/// the topic's own name: counting a message to a topic seen before is one lookup, not a
+/// template built (three allocations) and then looked up. Most messages go to topics
+/// seen before, and this runs for every message and every delivery.
+#[derive(Default)]
+struct TopicCounters {
+    family: Family<TopicLabels, Counter>,
+    by_topic: Mutex<HashMap<Box<str>, Counter>>,
+}
+
+impl TopicCounters {
+    fn inc(&self, topic: &str, template: impl FnOnce(&str) -> String) {
+        let mut by_topic = self.by_topic.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(counter) = by_topic.get(topic) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .family
+            .get_or_create(&TopicLabels {
+                topic: template(topic),
+            })
+            .clone();
+        counter.inc();
+        if topic.len() <= CACHED_TOPIC_MAX_BYTES {
+            // Past the bound it starts over rather than tracking which topics are stale.
+            if by_topic.len() >= CACHED_TOPICS {
+                by_topic.clear();
+            }
+            by_topic.insert(topic.into(), counter);
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,8 +93,8 @@ pub struct BrokerMetrics {
     auth_failures: Family<ReasonLabels, Counter>,
     acl_denials: Family<ActionLabels, Counter>,
     publishes_refused: Family<ReasonLabels, Counter>,
-    received: Family<TopicLabels, Counter>,
-    delivered: Family<TopicLabels, Counter>,
+    received: TopicCounters,
+    delivered: TopicCounters,
     dropped: Family<ReasonLabels, Counter>,
     pub retained: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
@@ -176,17 +215,17 @@ impl BrokerMetrics {
             "Connections accepted that have not sent their CONNECT yet",
             handshakes_pending.clone(),
         );
-        let received = Family::<TopicLabels, Counter>::default();
+        let received = TopicCounters::default();
         registry.register(
             "fleet_broker_messages_received",
             "Messages accepted from publishers, by topic template",
-            received.clone(),
+            received.family.clone(),
         );
-        let delivered = Family::<TopicLabels, Counter>::default();
+        let delivered = TopicCounters::default();
         registry.register(
             "fleet_broker_messages_delivered",
             "Messages delivered to subscribers, by topic template",
-            delivered.clone(),
+            delivered.family.clone(),
         );
         let dropped = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -227,7 +266,9 @@ impl BrokerMetrics {
     pub fn template(&self, topic: &str) -> String {
         let template = self.raw_template(topic);
         let mut seen = self.templates.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(&template) || seen.len() < MAX_TOPIC_SERIES {
+        if seen.contains(&template) {
+            template
+        } else if seen.len() < MAX_TOPIC_SERIES {
             seen.insert(template.clone());
             template
         } else {
@@ -266,19 +307,11 @@ impl BrokerMetrics {
     }
 
     pub fn record_received(&self, topic: &str) {
-        self.received
-            .get_or_create(&TopicLabels {
-                topic: self.template(topic),
-            })
-            .inc();
+        self.received.inc(topic, |topic| self.template(topic));
     }
 
     pub fn record_delivered(&self, topic: &str) {
-        self.delivered
-            .get_or_create(&TopicLabels {
-                topic: self.template(topic),
-            })
-            .inc();
+        self.delivered.inc(topic, |topic| self.template(topic));
     }
 
     pub fn record_disconnect(&self, reason: &str) {
@@ -376,6 +409,37 @@ impl Collector for HandshakeFailureCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_kept_by_topic_count_every_message_and_stay_bounded() {
+        let metrics = BrokerMetrics::new(AclTopics::default());
+        for _ in 0..3 {
+            metrics.record_delivered("fleet/linus/cmd/drive");
+            metrics.record_delivered("fleet/torvalds/cmd/drive");
+        }
+        let long = format!("fleet/linus/{}", "x".repeat(CACHED_TOPIC_MAX_BYTES));
+        metrics.record_delivered(&long);
+        metrics.record_delivered(&long);
+        let text = metrics.encode();
+        assert!(
+            text.contains("fleet_broker_messages_delivered_total{topic=\"fleet/+/cmd/drive\"} 6"),
+            "{text}"
+        );
+        let cached = |counters: &TopicCounters| counters.by_topic.lock().unwrap().len();
+        assert_eq!(cached(&metrics.delivered), 2, "the long topic is not kept");
+        for i in 0..CACHED_TOPICS + 10 {
+            metrics.record_received(&format!("fleet/robot-{i}/state"));
+        }
+        assert!(cached(&metrics.received) <= CACHED_TOPICS);
+        let text = metrics.encode();
+        assert!(
+            text.contains(&format!(
+                "fleet_broker_messages_received_total{{topic=\"fleet/+/state\"}} {}",
+                CACHED_TOPICS + 10
+            )),
+            "{text}"
+        );
+    }
 
     #[test]
     fn templates_hide_robot_ids_and_stay_bounded() {

@@ -110,6 +110,7 @@ where
                 cert_info: self.cert_info,
                 ticket: self.ticket,
                 busy_streak: 0,
+                hold_flush: false,
             }),
             ProtocolVersion::MQTT5 => MqttStream::V5(v5::MqttStream {
                 io: self.io,
@@ -119,6 +120,7 @@ where
                 cert_info: self.cert_info,
                 ticket: self.ticket,
                 busy_streak: 0,
+                hold_flush: false,
             }),
         })
     }
@@ -188,6 +190,9 @@ pub mod v3 {
         /// Fleet patch: packets in a row that found the next one already read (see
         /// `grow_read_buffer_when_busy`)
         pub busy_streak: u8,
+        /// Fleet patch: while set, packets are encoded into the write buffer and written
+        /// once the caller flushes (or 8 KiB wait), not one write per packet
+        pub hold_flush: bool,
     }
 
     /// # Examples
@@ -312,7 +317,7 @@ pub mod v3 {
         /// Generic packet sending method
         #[inline]
         pub async fn send(&mut self, packet: rmqtt_codec::v3::Packet) -> Result<()> {
-            super::send(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout).await
+            super::send(&mut self.io, MqttPacket::V3(packet), self.cfg.send_timeout, self.hold_flush).await
         }
 
         /// Flushes write buffers
@@ -325,6 +330,36 @@ pub mod v3 {
         #[inline]
         pub async fn close(&mut self) -> Result<()> {
             super::close(&mut self.io, self.cfg.send_timeout).await
+        }
+
+        /// Fleet patch: the next packet, for a session's loop. What was sent with
+        /// `hold_flush` is written out first if the next packet is not read yet, so a
+        /// client's pipelined packets get their answers (PUBACKs) in one write, and
+        /// nothing waits in the write buffer while the session waits for its client.
+        pub async fn next_packet(&mut self) -> Option<Result<rmqtt_codec::v3::Packet>> {
+            if !self.io.write_buffer().is_empty() {
+                // Polled once: a packet already read, or nothing (the read is polled
+                // again below, with the task's waker).
+                if let Some(next) = futures::FutureExt::now_or_never(self.next()) {
+                    return self.received(next);
+                }
+                // Boxed: this future lives in every connection's task while it idles.
+                if let Err(e) = Box::pin(self.flush()).await {
+                    return Some(Err(e));
+                }
+            }
+            let next = self.next().await;
+            self.received(next)
+        }
+
+        fn received(
+            &mut self,
+            next: Option<Result<rmqtt_codec::v3::Packet>>,
+        ) -> Option<Result<rmqtt_codec::v3::Packet>> {
+            if matches!(next, Some(Ok(_))) {
+                super::grow_read_buffer_when_busy(&mut self.io, &mut self.busy_streak);
+            }
+            next
         }
 
         /// Receives next packet with timeout
@@ -435,6 +470,9 @@ pub mod v5 {
         /// Fleet patch: packets in a row that found the next one already read (see
         /// `grow_read_buffer_when_busy`)
         pub busy_streak: u8,
+        /// Fleet patch: while set, packets are encoded into the write buffer and written
+        /// once the caller flushes (or 8 KiB wait), not one write per packet
+        pub hold_flush: bool,
     }
 
     /// # Examples
@@ -557,7 +595,7 @@ pub mod v5 {
         /// Generic packet sending method
         #[inline]
         pub async fn send(&mut self, packet: rmqtt_codec::v5::Packet) -> Result<()> {
-            super::send(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout).await
+            super::send(&mut self.io, MqttPacket::V5(packet), self.cfg.send_timeout, self.hold_flush).await
         }
 
         /// Flushes write buffers
@@ -570,6 +608,36 @@ pub mod v5 {
         #[inline]
         pub async fn close(&mut self) -> Result<()> {
             super::close(&mut self.io, self.cfg.send_timeout).await
+        }
+
+        /// Fleet patch: the next packet, for a session's loop. What was sent with
+        /// `hold_flush` is written out first if the next packet is not read yet, so a
+        /// client's pipelined packets get their answers (PUBACKs) in one write, and
+        /// nothing waits in the write buffer while the session waits for its client.
+        pub async fn next_packet(&mut self) -> Option<Result<rmqtt_codec::v5::Packet>> {
+            if !self.io.write_buffer().is_empty() {
+                // Polled once: a packet already read, or nothing (the read is polled
+                // again below, with the task's waker).
+                if let Some(next) = futures::FutureExt::now_or_never(self.next()) {
+                    return self.received(next);
+                }
+                // Boxed: this future lives in every connection's task while it idles.
+                if let Err(e) = Box::pin(self.flush()).await {
+                    return Some(Err(e));
+                }
+            }
+            let next = self.next().await;
+            self.received(next)
+        }
+
+        fn received(
+            &mut self,
+            next: Option<Result<rmqtt_codec::v5::Packet>>,
+        ) -> Option<Result<rmqtt_codec::v5::Packet>> {
+            if matches!(next, Some(Ok(_))) {
+                super::grow_read_buffer_when_busy(&mut self.io, &mut self.busy_streak);
+            }
+            next
         }
 
         /// Receives next packet with timeout
@@ -645,15 +713,29 @@ pub mod v5 {
 }
 
 #[inline]
-async fn send<Io>(io: &mut Framed<Io, MqttCodec>, packet: MqttPacket, send_timeout: Duration) -> Result<()>
+async fn send<Io>(
+    io: &mut Framed<Io, MqttCodec>,
+    packet: MqttPacket,
+    send_timeout: Duration,
+    hold_flush: bool,
+) -> Result<()>
 where
     Io: AsyncWrite + Unpin,
 {
+    // Fleet patch: with `hold_flush`, the packet only joins the write buffer (`feed`
+    // writes it out itself once 8 KiB wait); the caller flushes after its last packet.
+    let sent = async {
+        if hold_flush {
+            io.feed(packet).await
+        } else {
+            io.send(packet).await
+        }
+    };
     if send_timeout.is_zero() {
-        io.send(packet).await?;
+        sent.await?;
         Ok(())
     } else {
-        match tokio::time::timeout(send_timeout, io.send(packet)).await {
+        match tokio::time::timeout(send_timeout, sent).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(MqttError::SendPacket(SendPacketError::Encode(e))),
             Err(_) => Err(MqttError::WriteTimeout),

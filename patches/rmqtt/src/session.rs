@@ -443,7 +443,7 @@ impl SessionState {
                     match deliver_packet {
                         Some(Some((from, p))) => {
                             state.tx.backlog.wrote();
-                            Box::pin(state.deliver(sink, from, p)).await?;
+                            Box::pin(state.deliver_ready(sink, from, p, deliver_queue_rx)).await?;
                         },
                         Some(None) => {
                             log::warn!("{:?} No messages received from the delivery queue", state.id);
@@ -459,7 +459,7 @@ impl SessionState {
                     if let Some(msg) = msg {
                         #[cfg(feature = "debug")]
                         state.scx.stats.debug_session_channels.dec();
-                        Box::pin(state.process_message(sink, msg, deliver_queue_tx, flags)).await?;
+                        Box::pin(state.process_messages(sink, msg, deliver_queue_tx, deliver_queue_rx, flags)).await?;
                     }else{
                         return Err("No message received from the Rx".into());
                     }
@@ -470,8 +470,17 @@ impl SessionState {
                     keep_alive_delay.as_mut().reset(Instant::now() + keep_alive_interval);
                     // Fleet patch: the packet is moved into a boxed future, so that neither
                     // it nor its handling takes room in the task while the connection idles.
-                    let congested = Box::pin(state.process_received(sink, pkt, flags)).await?;
+                    // The answers (PUBACKs) wait in the write buffer until the session has to
+                    // wait for its client's next packet (`Sink::recv` writes them out then):
+                    // one write for a client's pipelined publishes, not one each.
+                    sink.hold_flush(true);
+                    let congested = Box::pin(state.process_received(sink, pkt, flags)).await;
+                    sink.hold_flush(false);
+                    let congested = congested?;
                     if !congested.is_empty() {
+                        // Its client is not read for a while: what it is owed leaves now
+                        // (boxed, as the rest: it would take room in every idle task).
+                        Box::pin(sink.flush()).await?;
                         let congested =
                             congested.into_iter().map(|tx| { let written = tx.backlog.written(); (tx, written) }).collect();
                         held_back = Some((congested, Instant::now() + HELD_BACK_AT_MOST));
@@ -666,6 +675,40 @@ impl SessionState {
         });
 
         Ok(msg_tx)
+    }
+
+    /// Fleet patch: handles `msg` and the messages already waiting behind it (at most
+    /// `DELIVERIES_PER_WRITE`), in order. Messages forwarded to the session reach its
+    /// delivery queue together, and are delivered in the same turn (not after another
+    /// pass through the session's loop and a wake-up of their own), where
+    /// `deliver_ready` writes them to the client at once.
+    async fn process_messages<Io>(
+        &mut self,
+        sink: &mut Sink<Io>,
+        msg: Message,
+        deliver_queue_tx: &queue::Sender<(From, Publish)>,
+        deliver_queue_rx: &mut queue::Receiver<'_, (From, Publish)>,
+        flags: &mut StateFlags,
+    ) -> std::result::Result<(), Reason>
+    where
+        Io: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.process_message(sink, msg, deliver_queue_tx, flags).await?;
+        for _ in 1..DELIVERIES_PER_WRITE {
+            let Some(Some(msg)) = futures::FutureExt::now_or_never(self.rx.next()) else {
+                break;
+            };
+            #[cfg(feature = "debug")]
+            self.scx.stats.debug_session_channels.dec();
+            self.process_message(sink, msg, deliver_queue_tx, flags).await?;
+        }
+        if self.out_inflight().read().await.has_credit() {
+            if let Some(Some(Some((from, p)))) = futures::FutureExt::now_or_never(deliver_queue_rx.next()) {
+                self.tx.backlog.wrote();
+                self.deliver_ready(sink, from, p, deliver_queue_rx).await?;
+            }
+        }
+        Ok(())
     }
 
     #[inline]
@@ -1666,6 +1709,45 @@ impl SessionState {
             }
         });
         Ok(())
+    }
+
+    /// Fleet patch: delivers `publish` and what else is in the queue right now (as far
+    /// as the in-flight window allows, at most `DELIVERIES_PER_WRITE`), written to the
+    /// client together: one write instead of one per message. A write costs more than
+    /// the rest of a delivery: in a fan-out to 50 subscribers, half the broker's CPU
+    /// went to `writev`, one per message.
+    async fn deliver_ready<Io>(
+        &self,
+        sink: &mut Sink<Io>,
+        from: From,
+        publish: Publish,
+        deliver_queue_rx: &mut queue::Receiver<'_, (From, Publish)>,
+    ) -> Result<()>
+    where
+        Io: AsyncRead + AsyncWrite + Unpin,
+    {
+        sink.hold_flush(true);
+        let delivered = async {
+            self.deliver(sink, from, publish).await?;
+            for _ in 1..DELIVERIES_PER_WRITE {
+                if !self.out_inflight().read().await.has_credit() {
+                    break;
+                }
+                // Only what is there already: polled once, the queue registers no waker
+                // that matters (the session's loop polls it again before it waits).
+                let Some(Some(Some((from, publish)))) = futures::FutureExt::now_or_never(deliver_queue_rx.next())
+                else {
+                    break;
+                };
+                self.tx.backlog.wrote();
+                self.deliver(sink, from, publish).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        sink.hold_flush(false);
+        delivered?;
+        sink.flush().await
     }
 
     #[inline]
@@ -2838,6 +2920,10 @@ fn server_initiated(reason: &Reason) -> bool {
             | Reason::ConnectReadWriteTimeout
     )
 }
+
+/// Fleet patch: the most deliveries written to a client together (`deliver_ready`);
+/// bounded so that one busy subscriber does not keep the others' turn for long.
+const DELIVERIES_PER_WRITE: usize = 64;
 
 /// Fleet patch: how often a client held back by congested subscribers looks again.
 const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);

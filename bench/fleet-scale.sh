@@ -18,7 +18,9 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 # Every robot is one socket on each side; the broker and the node each need N fds.
 ulimit -n "$(ulimit -Hn)"
 ((ROBOTS + 100 <= $(ulimit -n))) || { echo "ulimit -n $(ulimit -n) is too low for $ROBOTS robots"; exit 1; }
-command -v mosquitto >/dev/null || { echo "needs mosquitto (apt-get install mosquitto mosquitto-clients)"; exit 1; }
+for tool in mosquitto mosquitto_sub; do
+  command -v $tool >/dev/null || { echo "needs $tool (apt-get install mosquitto mosquitto-clients)"; exit 1; }
+done
 cargo build --release -p fleet-broker -p robot-node --quiet
 BIN=target/release
 hz=$(getconf CLK_TCK)

@@ -609,8 +609,9 @@ async fn robots_connecting_all_at_once_cost_little_memory() {
     // A fleet reconnecting together after a broker restart: 1,000 CONNECTs at once, each
     // followed by its subscription. What the handshakes use in between is freed once they
     // are done, but freed inside the heap among the sessions they made: rmqtt queued each
-    // handshake with its whole future held twice inline (this debug binary: 11.5 KiB per
-    // connection without the boxed handshake, 7.8 with it).
+    // handshake with its whole future held twice inline (this debug binary, with mimalloc:
+    // 13.0 KiB per connection without the boxed handshake, 9.0 with it; 11.5 and 7.8 with
+    // glibc's allocator, whose heap takes less room per allocation).
     const CONNECTIONS: usize = 1000;
     let broker = binary_with(1, &["--max-pending-per-address", "2000"]).await;
     let pid = broker.child.id();
@@ -638,7 +639,7 @@ async fn robots_connecting_all_at_once_cost_little_memory() {
     let per_connection = (process_rss_mib(pid) - before) * 1024.0 / connections.len() as f64;
     println!("broker memory per connection, all at once: {per_connection:.1} KiB");
     assert!(
-        per_connection < 8.8,
+        per_connection < 9.8,
         "{per_connection:.1} KiB per connection"
     );
 }

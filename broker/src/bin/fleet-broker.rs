@@ -18,6 +18,13 @@ use fleet_broker::retained::RetainedQuota;
 use fleet_broker::{BrokerConfig, TlsListener};
 use fleet_runtime::TopicArgs;
 
+// mimalloc, not the system's allocator: after a flood (a backlog of queued messages for a
+// slow subscriber, a burst of logins) glibc keeps the freed memory in its heap for reuse,
+// tens of MiB that the process never gives back; mimalloc hands freed pages back to the
+// system within milliseconds (docs/benchmarks.md, "Memory after floods").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The fleet's MQTT broker: MQTT 3.1.1 and 5 on one port, websockets, users and
 /// per-robot topic ACLs, Prometheus metrics.
 ///

@@ -51,7 +51,7 @@ use serde_json::json;
 use tokio::sync::RwLock;
 
 use crate::context::ServerContext;
-use crate::trie::{TopicTree, VecToTopic};
+use crate::trie::{is_valid_topic_name, TopicTree, VecToTopic};
 use crate::types::*;
 use crate::utils::Counter;
 use crate::Result;
@@ -174,9 +174,18 @@ impl DefaultRouter {
     pub async fn _matches(&self, this_id: Id, topic_name: &TopicName) -> Result<SubRelationsMap> {
         // let scx = self.context();
         let mut collector_map: SubscriptioRelationsCollectorMap = HashMap::default();
-        let topic = Topic::from_str(topic_name)?;
-        for (topic_filter, _node_ids) in self.topics.read().await.matches(&topic).iter() {
-            let topic_filter = topic_filter.to_topic_filter();
+        // Fleet patch: the tree walked on the topic's text, the filters found taken from the
+        // relations' keys (a reference count, no copy); see `Node::for_each_match`.
+        if !is_valid_topic_name(topic_name) {
+            Topic::from_str(topic_name)?;
+        }
+        let mut topic_filters: Vec<TopicFilter> = Vec::new();
+        self.topics.read().await.for_each_match(topic_name, &mut |topic_filter| {
+            if let Some(rels) = self.relations.get(topic_filter) {
+                topic_filters.push(rels.key().clone());
+            }
+        });
+        for topic_filter in topic_filters {
 
             #[allow(clippy::mutable_key_type)]
             #[cfg(feature = "shared-subscription")]

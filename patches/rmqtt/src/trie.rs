@@ -159,6 +159,60 @@ where
         Matcher { node: self, path: topic.levels() }
     }
 
+    /// Fleet patch: calls `found` with every subscribed filter that matches `topic`, as
+    /// the filter's text, by the same rules as [`Node::matches`] (`#` also matches its
+    /// parent level; a topic starting with `$` matches no filter starting with a
+    /// wildcard). Walked on the topic's text: `matches` wants the topic split into owned
+    /// levels and builds a vector per node visited and per filter found, and its filters
+    /// had to be joined back into strings, about a third of the broker's work per message.
+    /// `topic` must be a valid topic name (see `is_valid_topic_name`).
+    pub fn for_each_match(&self, topic: &str, found: &mut impl FnMut(&str)) {
+        let mut filter = String::with_capacity(topic.len() + 2);
+        self.match_from(Some(topic), true, &mut filter, found);
+    }
+
+    // `rest`: the levels of the topic below this node, `None` once all of them matched;
+    // `filter`: the filter's text down to this node.
+    fn match_from(&self, rest: Option<&str>, top: bool, filter: &mut String, found: &mut impl FnMut(&str)) {
+        let Some(rest) = rest else {
+            if let Some(all_below) = self.branches.get(&Level::MultiWildcard) {
+                if !all_below.values.is_empty() {
+                    with_level(filter, top, "#", |filter| found(filter));
+                }
+            }
+            if !self.values.is_empty() {
+                found(filter);
+            }
+            return;
+        };
+        let (level, below) = match rest.split_once('/') {
+            Some((level, below)) => (level, Some(below)),
+            None => (rest, None),
+        };
+        if !(top && level.starts_with('$')) {
+            if let Some(all_below) = self.branches.get(&Level::MultiWildcard) {
+                if !all_below.values.is_empty() {
+                    with_level(filter, top, "#", |filter| found(filter));
+                }
+            }
+            if let Some(any_level) = self.branches.get(&Level::SingleWildcard) {
+                with_level(filter, top, "+", |filter| any_level.match_from(below, false, filter, found));
+            }
+        }
+        if let Some(exact) = self.child_named(level) {
+            with_level(filter, top, level, |filter| exact.match_from(below, false, filter, found));
+        }
+    }
+
+    // The child under the level `name` of a topic, without making a `Level` of it where
+    // the children are few.
+    fn child_named(&self, name: &str) -> Option<&Node<V>> {
+        match &self.branches {
+            Branches::Few(children) => children.iter().find(|(level, _)| level_named(level, name)).map(|(_, node)| node),
+            Branches::Many(children) => name.parse::<Level>().ok().and_then(|level| children.get(&level)),
+        }
+    }
+
     #[inline]
     pub fn values_size(&self) -> usize {
         let len: usize = self.branches.values().map(|n| n.values_size()).sum();
@@ -213,6 +267,52 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Node {{ nodes_size: {}, values_size: {} }}", self.nodes_size(), self.values_size())
     }
+}
+
+// Fleet patch: `filter` with one more level while `then` runs.
+fn with_level<R>(filter: &mut String, top: bool, level: &str, then: impl FnOnce(&mut String) -> R) -> R {
+    let len = filter.len();
+    if !top {
+        filter.push('/');
+    }
+    filter.push_str(level);
+    let result = then(filter);
+    filter.truncate(len);
+    result
+}
+
+// Fleet patch: whether `level` is what `Level::from_str(name)` makes of a valid level.
+fn level_named(level: &Level, name: &str) -> bool {
+    match level {
+        Level::Normal(text) | Level::Metadata(text) => text == name,
+        Level::Blank => name.is_empty(),
+        Level::SingleWildcard => name == "+",
+        Level::MultiWildcard => name == "#",
+    }
+}
+
+/// Fleet patch: whether `Topic::from_str(topic)` succeeds, without making the topic: no
+/// level holds `+` or `#` beside other characters, `#` only as the last level, `$` only
+/// at the start of the first.
+pub fn is_valid_topic_name(topic: &str) -> bool {
+    // Most topics hold none of the characters these rules are about.
+    if !topic.bytes().any(|byte| matches!(byte, b'+' | b'#' | b'$')) {
+        return true;
+    }
+    let mut levels = topic.split('/').peekable();
+    let mut first = true;
+    while let Some(level) = levels.next() {
+        let valid = match level {
+            "+" | "" => true,
+            "#" => levels.peek().is_none(),
+            _ => !level.contains(['+', '#']) && (first || !level.starts_with('$')),
+        };
+        if !valid {
+            return false;
+        }
+        first = false;
+    }
+    true
 }
 
 type Item<'a, V> = (Vec<&'a Level>, Vec<&'a V>);
@@ -525,6 +625,61 @@ mod tests {
         topics.insert(&Topic::from_str("/x/y/z/+").unwrap(), 2);
         topics.insert(&Topic::from_str("/x/y/z/+").unwrap(), 3);
         assert!(match_one(&topics, "/x/y/z/2", &[1, 2, 1, 2, 3]));
+    }
+
+    // Fleet patch: `for_each_match` finds exactly the filters `matches` finds, for every
+    // topic of up to three levels over a few names (`$` ones among them), in a tree with
+    // every filter of up to three levels over those names and the wildcards, in both of
+    // `Branches`' forms (the names below the first level are made many).
+    #[test]
+    fn matching_on_the_text_finds_what_matching_levels_finds() {
+        use super::{VecToTopic, is_valid_topic_name};
+        fn up_to_three_levels(names: &[&str]) -> Vec<String> {
+            let mut all = Vec::new();
+            for x in names {
+                all.push(x.to_string());
+                for y in names {
+                    all.push(format!("{x}/{y}"));
+                    for z in names {
+                        all.push(format!("{x}/{y}/{z}"));
+                    }
+                }
+            }
+            all
+        }
+        let mut filters = up_to_three_levels(&["a", "b", "", "$s", "+", "#"]);
+        for many in 0..20 {
+            filters.push(format!("a/n{many}"));
+        }
+        let mut tree: TopicTree<()> = TopicTree::default();
+        let mut inserted = 0;
+        for filter in &filters {
+            if let Ok(filter) = Topic::from_str(filter) {
+                tree.insert(&filter, ());
+                inserted += 1;
+            }
+        }
+        assert!(inserted > 100);
+        let mut topics = up_to_three_levels(&["a", "b", "", "$s"]);
+        topics.extend(["a/n7".to_string(), "a/n7/x".to_string(), "a/n99".to_string()]);
+        for topic in &topics {
+            let parsed = Topic::from_str(topic);
+            assert_eq!(is_valid_topic_name(topic), parsed.is_ok(), "{topic}");
+            let Ok(parsed) = parsed else { continue };
+            let mut by_levels: Vec<String> =
+                tree.matches(&parsed).iter().map(|(filter, _)| filter.to_topic_filter().to_string()).collect();
+            let mut by_text = Vec::new();
+            tree.for_each_match(topic, &mut |filter| by_text.push(filter.to_string()));
+            by_levels.sort();
+            by_text.sort();
+            assert_eq!(by_text, by_levels, "{topic}");
+        }
+        for (name, valid) in
+            [("a/#", true), ("a/#/b", false), ("a/b+", false), ("$a/b", true), ("a/$b", false), ("+/+", true)]
+        {
+            assert_eq!(is_valid_topic_name(name), valid, "{name}");
+            assert_eq!(Topic::from_str(name).is_ok(), valid, "{name}");
+        }
     }
 
     #[test]

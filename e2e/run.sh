@@ -69,6 +69,18 @@ check "fleet starts and the gateway answers /health" wait_for 60 curl -fsS "$BAS
 check "/health says ok" has_line <(curl -fsS "$BASE/health") '"health":"ok"'
 check "fleet-healthcheck (the containers' health check) passes on the gateway" \
   "$ROOT/target/debug/fleet-healthcheck" "127.0.0.1:$HTTP_PORT/readyz"
+check "fleet-healthcheck --help explains itself" \
+  has_line <("$ROOT/target/debug/fleet-healthcheck" --help) '^Usage: fleet-healthcheck'
+check "fleet-healthcheck fails (exit 1) where nothing answers" \
+  bash -c "'$ROOT/target/debug/fleet-healthcheck' 127.0.0.1:1/health 2>/dev/null; test \$? = 1"
+gateway_without_broker() { # the default log level shows a broker that is not there
+  env -u RUST_LOG timeout 3 "$ROOT/target/debug/fleet-gateway" --broker 127.0.0.1:1 --http-addr 127.0.0.1:${E2E_LONELY_HTTP_PORT:-18093} \
+    >"$ART/gateway-without-broker.log" 2>&1
+  grep -q 'WARN cannot reach the broker, retrying.*broker=127.0.0.1:1' "$ART/gateway-without-broker.log"
+}
+check "a gateway that cannot reach its broker says so at the default log level" gateway_without_broker
+check "fleet --help offers no MQTT credentials (its broker takes none)" \
+  bash -c "'$FLEET' --help | grep -q -- --http-addr && ! '$FLEET' --help | grep -q -- --mqtt-username"
 
 # Watchers as a user would run them: MQTT 3.1.1 and MQTT 5, everything under fleet/.
 mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -v -t 'fleet/#' >"$ART/sub-v311.txt" 2>&1 &
@@ -76,6 +88,9 @@ SUB311=$!; pids+=($SUB311)
 mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv5 -F '%t %p %P' -t 'fleet/#' >"$ART/sub-v5.txt" 2>&1 &
 SUB5=$!; pids+=($SUB5)
 check "both robots are online (retained status)" wait_for 20 has_line "$ART/sub-v311.txt" '^fleet/torvalds/status online'
+check "the first probe waited for the robots: none reported down at start-up" \
+  wait_for 10 bash -c "curl -fsS '$BASE/metrics' | grep -q '^fleet_robot_up{robot=\"torvalds\"} 1' &&
+    ! grep -q 'probe: robots not answering' '$ART/fleet.log'"
 check "linus is online" has_line "$ART/sub-v311.txt" '^fleet/linus/status online'
 
 # The README's command: plain text over MQTT 3.1.1.
@@ -232,11 +247,14 @@ openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
 printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$ART/tls.ext"
 openssl x509 -req -in "$ART/tls.csr" -CA "$ART/ca.crt" -CAkey "$ART/ca.key" -CAcreateserial -days 2 \
   -extfile "$ART/tls.ext" -out "$ART/tls.crt" >/dev/null 2>&1
-"$BROKER" --mqtt-addr 127.0.0.1:$SEC_PORT --metrics-addr 127.0.0.1:$SEC_METRICS --ws-addr off \
+# Addresses by name, as people write them for Mosquitto: localhost is 127.0.0.1.
+"$BROKER" --mqtt-addr localhost:$SEC_PORT --metrics-addr localhost:$SEC_METRICS --ws-addr off \
   --tls-addr 127.0.0.1:$SEC_TLS_PORT --tls-cert "$ART/tls.crt" --tls-key "$ART/tls.key" \
   --users-file "$users_file" >"$ART/fleet-broker.log" 2>&1 &
 pids+=($!)
 check "fleet-broker with a users file answers /health" wait_for 20 curl -fsS "http://127.0.0.1:$SEC_METRICS/health" -o /dev/null
+check "an address that is not one is refused with what is expected instead" \
+  bash -c "'$BROKER' --mqtt-addr nope 2>&1 | grep -q 'expected IP:port, e.g. 127.0.0.1:1883'"
 check "mosquitto_pub without credentials is refused" \
   bash -c "! mosquitto_pub -h 127.0.0.1 -p $SEC_PORT -t fleet/linus/cmd/drive -m forward 2>$ART/anon.txt"
 check "mosquitto_pub with a wrong password is refused" \
@@ -419,13 +437,76 @@ check "... and its resolution arrives when the robots are back" \
 check "the Watchdog went to the null receiver, not the webhook" \
   bash -c "! grep -q '\"alertname\":\"Watchdog\"' '$ART/alerts-received.jsonl'"
 
+# The README's three standalone commands, their arguments verbatim (the debug binaries
+# stand in for `cargo run --release -p <package> --`), on the README's ports.
+readme_commands() {
+  python3 - README.md <<'PY'
+import re, sys
+block = re.search(r"in three terminals.*?```sh\n(.*?)```", open(sys.argv[1]).read(), re.S).group(1)
+for line in block.strip().splitlines():
+    package, args = re.fullmatch(r"cargo run --release -p (\S+) -- (.*)", line).groups()
+    print(package, args)
+PY
+}
+readme_parts() {
+  readme_pids=()
+  while read -r package args; do
+    read -ra argv <<<"$args"
+    "$ROOT/target/debug/$package" "${argv[@]}" >"$ART/readme-$package.log" 2>&1 &
+    readme_pids+=($!)
+    pids+=($!)
+    [ "$package" = fleet-broker ] && wait_for 10 bash -c "(exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null"
+  done < <(readme_commands)
+}
+if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null || (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null; then
+  check "the README's standalone commands (ports 1883 and 8080 are taken on this machine)" false
+else
+  readme_parts
+  check "the README's three standalone commands: three of them" test ${#readme_pids[@]} = 3
+  check "... the gateway answers on 8080, connected to the broker" wait_for 30 curl -fsS http://127.0.0.1:8080/readyz -o /dev/null
+  check "... and linus is online through the standalone broker" \
+    wait_for 20 bash -c "curl -fsS http://127.0.0.1:8080/api/robots/linus | grep -q '\"online\":true'"
+  kill "${readme_pids[@]}" 2>/dev/null || true
+  wait "${readme_pids[@]}" 2>/dev/null || true
+fi
+
 # Mosquitto as the broker, and the fault tests.
 source e2e/mosquitto.sh
 
-# A clean shutdown leaves the robots safe and offline.
+# A clean shutdown leaves the robots safe and offline, all of them at once: with both
+# robots driving, the stop (Ctrl-C and SIGTERM take the same path) reaches both together.
+mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -F '%U %t %p' -t 'fleet/+/status' \
+  -t 'fleet/+/state' >"$ART/sub-shutdown.txt" 2>&1 &
+pids+=($!)
+sleep 0.5
+for robot in linus torvalds; do
+  mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -q 1 -t fleet/$robot/cmd/drive -m '{"direction":"forward","hold_ms":5000}'
+done
+wait_for 10 bash -c "grep -q 'fleet/linus/state .*\"motion\":\"forward\"' '$ART/sub-shutdown.txt' &&
+  grep -q 'fleet/torvalds/state .*\"motion\":\"forward\"' '$ART/sub-shutdown.txt'" || true
 kill -TERM $FLEET_PID
 check "SIGTERM: the fleet exits" wait_for 15 bash -c "! kill -0 $FLEET_PID"
 check "SIGTERM: robots say offline" has_line "$ART/sub-v311.txt" '^fleet/linus/status offline'
+# The seconds between the two robots' stopped states, and between their `offline`s.
+shutdown_gap() { # shutdown_gap PATTERN: both robots' first line after the drive matching it
+  python3 - "$ART/sub-shutdown.txt" "$1" <<'PY'
+import re, sys
+lines = [l.split(" ", 2) for l in open(sys.argv[1]) if l.count(" ") >= 2]
+first = {}
+for robot in ("linus", "torvalds"):
+    moving = [i for i, (_, t, p) in enumerate(lines) if t == f"fleet/{robot}/state" and '"motion":"forward"' in p]
+    after = [float(s) for i, (s, t, p) in enumerate(lines)
+             if moving and i > moving[-1] and t.startswith(f"fleet/{robot}/") and re.search(sys.argv[2], p)]
+    if not after:
+        sys.exit(f"{robot}: no line matching {sys.argv[2]} after it drove")
+    first[robot] = after[0]
+gap = abs(first["linus"] - first["torvalds"])
+print(f"{gap:.3f} s apart")
+sys.exit(0 if gap < 0.5 else 1)
+PY
+}
+check "SIGTERM: both driving robots stop together (within 0.5 s)" shutdown_gap '"motion":"stop"'
+check "SIGTERM: both robots say offline together (within 0.5 s)" shutdown_gap '^offline'
 
 echo
 echo "e2e: $passed passed, $failed failed"

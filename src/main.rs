@@ -9,17 +9,19 @@ use clap::Parser;
 use fleet_broker::BrokerConfig;
 use fleet_gateway::{GatewayArgs, GatewayConfig};
 use fleet_runtime::TopicArgs;
-use robot_node::{BrokerAddress, NodeConfig, NodeMetrics, RobotConfig, SimulatedDriver};
+use robot_node::{
+    BrokerAddress, NodeConfig, NodeHandle, NodeMetrics, RobotConfig, SimulatedDriver,
+};
 
 /// Runs the MQTT broker, the gateway and simulated robots in one process.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
     /// Where the broker accepts MQTT over TCP (3.1.1 and 5)
-    #[arg(long, env = "FLEET_MQTT_ADDR", default_value = "127.0.0.1:1883")]
+    #[arg(long, env = "FLEET_MQTT_ADDR", value_parser = fleet_runtime::listen_addr, default_value = "127.0.0.1:1883")]
     mqtt_addr: SocketAddr,
     /// Where the broker accepts MQTT over websockets (path /mqtt)
-    #[arg(long, env = "FLEET_WS_ADDR", default_value = "127.0.0.1:8083")]
+    #[arg(long, env = "FLEET_WS_ADDR", value_parser = fleet_runtime::listen_addr, default_value = "127.0.0.1:8083")]
     ws_addr: SocketAddr,
     /// The all-in-one broker lets clients in without credentials, with full access. That
     /// is only allowed on loopback addresses unless this is given
@@ -144,10 +146,11 @@ async fn main() -> anyhow::Result<()> {
     println!();
 
     fleet_runtime::shutdown_signal().await;
-    for node in nodes {
-        if let Err(error) = node.stop().await {
-            tracing::error!(%error, "a robot did not stop cleanly");
-        }
+    // Every robot is told at once: one after the other, each waited for its goodbye to the
+    // broker (up to a second) while the next robot kept driving.
+    let stopped = futures_util::future::join_all(nodes.into_iter().map(NodeHandle::stop)).await;
+    for error in stopped.into_iter().filter_map(Result::err) {
+        tracing::error!(%error, "a robot did not stop cleanly");
     }
     let _ = stop_gateway.send(());
     let _ = gateway.await;

@@ -281,11 +281,13 @@ const MAX_LOGGED_TOPIC: usize = 200;
 /// the fleet view. Reconnects with capped exponential backoff.
 pub(crate) async fn drive_link(mut eventloop: EventLoop, client: AsyncClient, bus: Bus) {
     let mut delay = Duration::from_millis(100);
+    let mut failures: u32 = 0;
     let (fleet, metrics) = (bus.fleet.clone(), bus.metrics.clone());
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = Duration::from_millis(100);
+                failures = 0;
                 let topics = fleet.topics();
                 let filters = [
                     topics.every_robot("state"),
@@ -306,10 +308,18 @@ pub(crate) async fn drive_link(mut eventloop: EventLoop, client: AsyncClient, bu
             Ok(_) => {}
             Err(error) => {
                 fleet_runtime::mqtt_link::fresh_state_after_error(&mut eventloop);
+                let (host, port) = eventloop.options.broker_address();
                 if fleet.is_connected() {
-                    tracing::warn!(%error, "lost the broker connection");
+                    tracing::warn!(%error, broker = %format!("{host}:{port}"), "lost the broker connection");
                 } else {
-                    tracing::debug!(%error, "cannot reach the broker, retrying");
+                    // A broker that is not there (wrong address, not started yet, refused
+                    // login) must show at the default log level, but less and less often.
+                    failures = failures.saturating_add(1);
+                    if failures.is_power_of_two() {
+                        tracing::warn!(%error, broker = %format!("{host}:{port}"), failures, ?delay, "cannot reach the broker, retrying");
+                    } else {
+                        tracing::debug!(%error, failures, "cannot reach the broker, retrying");
+                    }
                 }
                 fleet.set_connected(false);
                 metrics.broker_connected.set(0);

@@ -35,7 +35,7 @@ pub const DEFAULT_MAX_EVENT_STREAMS: usize = 256;
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
     /// Where to serve the web UI and HTTP API
-    #[arg(long, env = "FLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "FLEET_HTTP_ADDR", value_parser = fleet_runtime::listen_addr, default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
     /// Robots known before they first report (comma-separated); others are discovered
     #[arg(
@@ -58,18 +58,14 @@ pub struct GatewayArgs {
     /// Control requests a client may send in a burst
     #[arg(long, env = "FLEET_RATE_BURST", default_value_t = 100)]
     pub rate_burst: u32,
-    /// How often the prober pings every robot, in seconds (first run at start-up; 0 = off)
+    /// How often the prober pings every robot, in seconds (0 = off). The first probe runs
+    /// once the broker link is up and the known robots are online, or 5 s after the link
+    /// came up
     #[arg(long, env = "FLEET_PROBE_INTERVAL_S", default_value_t = 15)]
     pub probe_interval_s: u64,
     /// How long a probe waits for a robot's answer before counting it down, in ms
     #[arg(long, env = "FLEET_PROBE_TIMEOUT_MS", default_value_t = 2000)]
     pub probe_timeout_ms: u64,
-    /// MQTT username, for brokers with authentication
-    #[arg(long, env = "FLEET_MQTT_USERNAME")]
-    pub mqtt_username: Option<String>,
-    /// MQTT password
-    #[arg(long, env = "FLEET_MQTT_PASSWORD", hide_env_values = true)]
-    pub mqtt_password: Option<String>,
     /// Start without --api-token although --http-addr is not a loopback address (anyone
     /// who can reach the port can then drive the robots); logged as a warning
     #[arg(long, env = "FLEET_ALLOW_NO_TOKEN")]
@@ -183,7 +179,8 @@ impl GatewayConfig {
             probe_interval: (args.probe_interval_s > 0)
                 .then(|| Duration::from_secs(args.probe_interval_s)),
             probe_timeout: Duration::from_millis(args.probe_timeout_ms.max(1)),
-            credentials: args.mqtt_username.clone().zip(args.mqtt_password.clone()),
+            // fleet-gateway's own flags (the all-in-one's broker takes no logins).
+            credentials: None,
             allow_no_token: args.allow_no_token,
             allowed_hosts: args.allowed_hosts.clone(),
             allowed_origins: args.allowed_origins.clone(),

@@ -1,5 +1,6 @@
 //! The robot prober (the original URL prober, now for robots): pings every known robot on
-//! an interval, first at start-up, with a timeout that counts as down.
+//! an interval, first once the gateway is connected and the robots have had a moment to
+//! come online, with a timeout that counts as down.
 
 use std::time::{Duration, Instant};
 
@@ -71,9 +72,30 @@ async fn probe_one(state: &AppState, robot: String) -> ProbeResult {
     }
 }
 
-/// Probes every `interval`, starting now (so the gauges have values from the start).
+/// The longest the first probe waits, once the broker link is up, for the known robots to
+/// say they are online.
+const START_GRACE: Duration = Duration::from_secs(5);
+
+/// Probes every `interval`, first as soon as the gateway can tell (so the gauges have
+/// values from the start): once its broker link is up and every known robot has said it
+/// is online, or `START_GRACE` after that. A probe sent before then reported robots down
+/// that were only still connecting (the all-in-one starts its robots with the gateway).
 pub fn spawn(state: AppState, interval: Duration) {
     tokio::spawn(async move {
+        let mut link = state.fleet.link();
+        if link.wait_for(|up| *up).await.is_err() {
+            return;
+        }
+        let grace_over = tokio::time::Instant::now() + START_GRACE;
+        while tokio::time::Instant::now() < grace_over
+            && state
+                .fleet
+                .robots()
+                .iter()
+                .any(|robot| robot.online != Some(true))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

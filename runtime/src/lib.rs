@@ -95,9 +95,58 @@ impl fmt::Display for HostPort {
     }
 }
 
+/// The value parser of every flag that says where to listen (`--mqtt-addr`,
+/// `--http-addr`, ...): an `IP:port`, or a `host:port` whose name is looked up once, at
+/// start-up (`localhost:1883` listens on 127.0.0.1, as Mosquitto's `listener 1883
+/// localhost` does; an IPv4 address is preferred where the name has both).
+pub fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let hint = "expected IP:port, e.g. 127.0.0.1:1883 (this machine only) or 0.0.0.0:1883 \
+                (every interface)";
+    let host_port: HostPort = s.parse().map_err(|error| format!("{error}: {hint}"))?;
+    let found: Vec<_> = (host_port.host.as_str(), host_port.port)
+        .to_socket_addrs()
+        .map_err(|error| format!("cannot look up {:?} ({error}): {hint}", host_port.host))?
+        .collect();
+    found
+        .iter()
+        .find(|addr| addr.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| format!("{:?} has no address: {hint}", host_port.host))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_take_ips_and_names() {
+        assert_eq!(
+            listen_addr("0.0.0.0:1883").unwrap(),
+            "0.0.0.0:1883".parse().unwrap()
+        );
+        assert_eq!(
+            listen_addr("[::1]:8080").unwrap(),
+            "[::1]:8080".parse().unwrap()
+        );
+        assert_eq!(
+            listen_addr("localhost:1883").unwrap(),
+            "127.0.0.1:1883".parse().unwrap()
+        );
+        for bad in [
+            "1883",
+            "localhost",
+            "localhost:x",
+            "no-such-host.invalid:1883",
+        ] {
+            let error = listen_addr(bad).unwrap_err();
+            assert!(error.contains("expected IP:port"), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn parses_host_port() {

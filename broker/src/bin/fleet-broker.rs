@@ -39,13 +39,13 @@ struct Args {
     #[arg(long, env = "FLEET_BROKER_CONFIG")]
     config: Option<PathBuf>,
     /// Where to accept MQTT over TCP (3.1.1 and 5)
-    #[arg(long, env = "FLEET_MQTT_ADDR", default_value = "127.0.0.1:1883")]
+    #[arg(long, env = "FLEET_MQTT_ADDR", value_parser = fleet_runtime::listen_addr, default_value = "127.0.0.1:1883")]
     mqtt_addr: SocketAddr,
     /// Where to accept MQTT over websockets (path /mqtt); "off" to disable
     #[arg(long, env = "FLEET_WS_ADDR", default_value = "127.0.0.1:8083")]
     ws_addr: String,
     /// Where to accept MQTT over TLS (needs --tls-cert and --tls-key); off unless set
-    #[arg(long, env = "FLEET_TLS_ADDR", requires_all = ["tls_cert", "tls_key"])]
+    #[arg(long, env = "FLEET_TLS_ADDR", value_parser = fleet_runtime::listen_addr, requires_all = ["tls_cert", "tls_key"])]
     tls_addr: Option<SocketAddr>,
     /// PEM certificate chain for the TLS listener
     #[arg(long, env = "FLEET_TLS_CERT")]
@@ -237,8 +237,7 @@ fn address_or_off(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>>
     if value == "off" {
         return Ok(None);
     }
-    value
-        .parse()
+    fleet_runtime::listen_addr(value)
         .map(Some)
-        .with_context(|| format!("{flag} {value:?} is neither an address nor \"off\""))
+        .map_err(|error| anyhow::anyhow!("{flag} {value:?} is not \"off\" and {error}"))
 }

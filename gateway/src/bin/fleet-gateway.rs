@@ -18,6 +18,17 @@ struct Args {
     /// file (the certificate must name the host given in --broker)
     #[arg(long, env = "FLEET_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
+    /// MQTT username, for brokers with authentication
+    #[arg(long, env = "FLEET_MQTT_USERNAME", requires = "mqtt_password")]
+    mqtt_username: Option<String>,
+    /// MQTT password (with --mqtt-username)
+    #[arg(
+        long,
+        env = "FLEET_MQTT_PASSWORD",
+        hide_env_values = true,
+        requires = "mqtt_username"
+    )]
+    mqtt_password: Option<String>,
     #[command(flatten)]
     topics: TopicArgs,
 }
@@ -32,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         args.broker.host,
         args.broker.port,
     );
+    config.credentials = args.mqtt_username.zip(args.mqtt_password);
     config.tls = args
         .tls_ca
         .as_deref()

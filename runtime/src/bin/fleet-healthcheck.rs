@@ -1,5 +1,5 @@
 //! fleet-healthcheck: `fleet-healthcheck 127.0.0.1:8080/health` exits 0 when the URL
-//! answers 200 within two seconds, 1 otherwise. For container health checks in images that
+//! answers 200 within two seconds (`--timeout-ms`), 1 otherwise. For container health checks in images that
 //! have no shell or curl (distroless).
 
 use std::io::{Read, Write};
@@ -7,9 +7,22 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const TIMEOUT: Duration = Duration::from_secs(2);
+use clap::Parser;
 
-fn check(target: &str) -> Result<(), String> {
+/// Container health check: exits 0 when the URL answers HTTP 200 within the timeout,
+/// 1 when it does not (the reason on stderr), 2 on bad arguments. Needs no shell or curl.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// What to ask, as host:port/path (plain HTTP), e.g. 127.0.0.1:8080/health for the
+    /// gateway or 127.0.0.1:9100/metrics for a robot node.
+    target: String,
+    /// How long to wait for the connection and for the answer, in ms.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+}
+
+fn check(target: &str, timeout: Duration) -> Result<(), String> {
     let (authority, path) = match target.split_once('/') {
         Some((authority, path)) => (authority, format!("/{path}")),
         None => (target, "/".to_owned()),
@@ -20,12 +33,12 @@ fn check(target: &str) -> Result<(), String> {
         .next()
         .ok_or_else(|| format!("{authority}: no address"))?;
     let mut stream =
-        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
     stream
-        .set_read_timeout(Some(TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     stream
-        .set_write_timeout(Some(TIMEOUT))
+        .set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     write!(
         stream,
@@ -42,11 +55,9 @@ fn check(target: &str) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let Some(target) = std::env::args().nth(1) else {
-        eprintln!("usage: fleet-healthcheck <host:port/path>");
-        return ExitCode::from(2);
-    };
-    match check(&target) {
+    // clap exits 2 on bad arguments and 0 after --help / --version.
+    let args = Args::parse();
+    match check(&args.target, Duration::from_millis(args.timeout_ms)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("unhealthy: {error}");

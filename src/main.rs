@@ -89,14 +89,22 @@ async fn main() -> anyhow::Result<()> {
         mqtt.ip().to_string(),
         mqtt.port(),
     );
-    let gateway_state = fleet_gateway::connect(&gateway_config);
+    let mut gateway_state = fleet_gateway::connect(&gateway_config);
+    let node_metrics = std::sync::Arc::new(NodeMetrics::default());
+    // One process, one scrape: the gateway's /metrics also serves the broker's (per-topic
+    // counters) and the robots' metrics.
+    let broker_metrics = broker.metrics().clone();
+    let robots_metrics = node_metrics.clone();
+    gateway_state.extra_metrics = vec![
+        std::sync::Arc::new(move || broker_metrics.encode()),
+        std::sync::Arc::new(move || robots_metrics.encode()),
+    ];
     let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
     let gateway = tokio::spawn(fleet_gateway::serve(listener, gateway_state, async {
         let _ = gateway_stopped.await;
     }));
 
     let robots = &args.gateway.robots;
-    let node_metrics = std::sync::Arc::new(NodeMetrics::default());
     let nodes: Vec<_> = robots
         .iter()
         .map(|id| {

@@ -145,7 +145,10 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             fleet_runtime::exposition::CONTENT_TYPE,
         )],
-        state.metrics.encode(),
+        fleet_runtime::exposition::merge(
+            std::iter::once(state.metrics.encode())
+                .chain(state.extra_metrics.iter().map(|source| source())),
+        ),
     )
 }
 

@@ -254,7 +254,14 @@ pub struct AppState {
     pub event_streams: Arc<Semaphore>,
     /// The HTTP server's limits (used by [`serve`]).
     pub http: HttpLimits,
+    /// More metrics served on `/metrics` after the gateway's own: the all-in-one adds its
+    /// broker's and its robots' (one process, one scrape). A family already served is
+    /// left out (every registry has the `process_*` ones).
+    pub extra_metrics: Vec<MetricsSource>,
 }
+
+/// A registry's text exposition, produced at scrape time (see `AppState::extra_metrics`).
+pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Creates the gateway's state and starts its MQTT link in the background.
 pub fn connect(config: &GatewayConfig) -> AppState {
@@ -304,6 +311,7 @@ pub fn connect(config: &GatewayConfig) -> AppState {
         }),
         event_streams: Arc::new(Semaphore::new(config.max_event_streams)),
         http: config.http,
+        extra_metrics: Vec::new(),
     };
     let (log_limit, mut closing) = (state.log_limit.clone(), state.closing.subscribe());
     tokio::spawn(async move {

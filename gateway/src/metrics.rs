@@ -201,6 +201,7 @@ impl Default for Metrics {
         );
         let http = fleet_runtime::http::HttpMetrics::default();
         http.register(&mut registry);
+        fleet_runtime::process::register(&mut registry);
         Self {
             registry,
             requests,

@@ -60,9 +60,54 @@ pub fn from_openmetrics(text: &str) -> String {
     out
 }
 
+/// Several expositions served as one: each family as its first text has it, a family
+/// that an earlier text already had left out (two registries of one process both
+/// describe the process; Prometheus refuses a family twice).
+pub fn merge(texts: impl IntoIterator<Item = String>) -> String {
+    let mut served: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut out = String::new();
+    for text in texts {
+        let mut families = Vec::new();
+        let mut skipping = false;
+        for line in text.lines() {
+            let header = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "));
+            if let Some(family) = header.and_then(|rest| rest.split(' ').next()) {
+                skipping = served.contains(family);
+                if !skipping {
+                    families.push(family.to_owned());
+                }
+            }
+            if !skipping {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        served.extend(families);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_expositions_keep_each_family_once() {
+        let gateway = "# HELP up Up.\n# TYPE up gauge\nup 1\n# HELP process_threads Threads.\n\
+                       # TYPE process_threads gauge\nprocess_threads 4\n";
+        let broker = "# HELP process_threads Threads.\n# TYPE process_threads gauge\n\
+                      process_threads 4\n# HELP jobs_total Jobs.\n# TYPE jobs_total counter\n\
+                      jobs_total{topic=\"a\"} 3\n";
+        assert_eq!(
+            merge([gateway.to_owned(), broker.to_owned()]),
+            format!(
+                "{gateway}# HELP jobs_total Jobs.\n# TYPE jobs_total counter\n\
+                 jobs_total{{topic=\"a\"}} 3\n"
+            )
+        );
+    }
 
     #[test]
     fn counters_are_named_like_their_samples() {

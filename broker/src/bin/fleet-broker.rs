@@ -59,7 +59,10 @@ struct Args {
     /// Users file (TOML: [[user]] username, password_hash, role); turns authentication on
     #[arg(long, env = "FLEET_USERS_FILE")]
     users_file: Option<PathBuf>,
-    /// Let clients connect without a username (only on loopback or a trusted network)
+    /// Let clients connect without a username (only on loopback or a trusted network).
+    /// Without it and without --users-file, a broker whose listeners are all on loopback
+    /// lets in clients on this machine only (local only mode, as Mosquitto 2 does), and
+    /// any other broker refuses to start
     #[arg(long, env = "FLEET_ALLOW_ANONYMOUS")]
     allow_anonymous: bool,
     /// What anonymous clients may do: admin, controller, robot or reader
@@ -183,21 +186,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(users) = &users {
         tracing::info!(users = users.len(), "authentication on");
     }
+    let ws_addr = address_or_off("--ws-addr", &args.ws_addr)?;
+    let tls = match (args.tls_addr, args.tls_cert, args.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => Some(TlsListener { addr, cert, key }),
+        _ => None,
+    };
+    // As Mosquitto 2 does without a configured listener ("local only mode"): with no users
+    // file and every listener on loopback, clients on this machine get in without
+    // credentials. A broker reachable from elsewhere without users refuses to start.
+    let local_only = users.is_none()
+        && !args.allow_anonymous
+        && std::iter::once(args.mqtt_addr)
+            .chain(ws_addr)
+            .chain(tls.as_ref().map(|tls| tls.addr))
+            .all(|addr| addr.ip().is_loopback());
+    if local_only {
+        tracing::warn!(
+            mqtt_addr = %args.mqtt_addr,
+            role = ?args.anonymous_role,
+            "no --users-file: local only mode, clients on this machine connect without \
+             credentials (give a users file for logins, or --allow-anonymous to say so)"
+        );
+    }
     let defaults = LoginLimits::default();
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
-        ws_addr: address_or_off("--ws-addr", &args.ws_addr)?,
-        tls: match (args.tls_addr, args.tls_cert, args.tls_key) {
-            (Some(addr), Some(cert), Some(key)) => Some(TlsListener { addr, cert, key }),
-            _ => None,
-        },
+        ws_addr,
+        tls,
         http_addr: address_or_off("--metrics-addr", &args.metrics_addr)?,
         topics: AclTopics {
             fleet: args.topics.topics(),
             discovery_prefix: args.discovery_prefix,
         },
         users,
-        allow_anonymous: args.allow_anonymous,
+        allow_anonymous: args.allow_anonymous || local_only,
         anonymous_role: args.anonymous_role,
         max_inflight: args.max_inflight,
         max_queue_len: args.max_queue_len,

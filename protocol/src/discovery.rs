@@ -127,6 +127,10 @@ impl DiscoveryDevice<'_> {
                 map.insert("platform".into(), platform.into());
                 map.insert("name".into(), name.into());
                 map.insert("unique_id".into(), unique_id.clone().into());
+                // On every component: Home Assistant takes `qos` from the component, not
+                // from the device document, and sent every command (the stops too) at
+                // QoS 0 while it was only there.
+                map.insert("qos".into(), 1.into());
             }
             components.insert(unique_id, config);
         };

@@ -133,6 +133,8 @@ fn every_component_is_complete_and_routed() {
             );
             assert!(unique_ids.insert(unique_id.to_owned()), "{unique_id} twice");
             assert!(component["name"].is_string(), "{unique_id} has a name");
+            // Home Assistant reads `qos` per component only (the device's is ignored).
+            assert_eq!(component["qos"], 1, "{unique_id} is at QoS 1");
             platforms.insert(component["platform"].as_str().unwrap().to_owned());
 
             // Every state topic is one the node publishes: its retained state.

@@ -14,7 +14,7 @@ use fleet_testkit::raw::{
     Connect, connect_with, disconnect_v5, find_u16, packet, parse_properties, parse_publish_v5,
     property_u16, property_u32, publish_v5, publish_v5_id, read_packet, string, subscribe_v5,
 };
-use fleet_testkit::{WAIT, metric, process_rss_mib};
+use fleet_testkit::{WAIT, free_port, metric, process_rss_mib};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -31,13 +31,6 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
 }
 
 /// `threads` MQTT threads: several make the races between connections likelier, which

@@ -2,21 +2,15 @@
 //! only mode when every listener is on loopback, and not at all when it could be reached
 //! from elsewhere.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use fleet_testkit::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .unwrap()
-}
 
 /// An MQTT 3.1.1 CONNECT without credentials; the CONNACK's return code.
 async fn anonymous_connack(addr: SocketAddr) -> Option<u8> {

@@ -6,7 +6,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleet_testkit::{Watcher, start_broker};
+use fleet_testkit::{Watcher, free_port, start_broker};
 
 /// Kills the node when the test ends, whichever way it ends.
 struct NodeProcess(Child);
@@ -16,13 +16,6 @@ impl Drop for NodeProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port")
 }
 
 async fn scrape(port: u16) -> String {

@@ -119,6 +119,16 @@ pub fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
         .ok_or_else(|| format!("{:?} has no address: {hint}", host_port.host))
 }
 
+/// A `--...-addr` flag that may also be `off`: `None` for `off`, else as [`listen_addr`].
+pub fn listen_addr_or_off(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if value == "off" {
+        return Ok(None);
+    }
+    listen_addr(value)
+        .map(Some)
+        .map_err(|error| format!("{flag} {value:?} is not \"off\" and {error}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,14 @@ use tokio::time::{Instant, timeout};
 /// How long a test waits for something that should happen at once.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (for binaries started by tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port on 127.0.0.1")
+}
+
 /// Starts the real broker on a free loopback port.
 pub async fn start_broker() -> RunningBroker {
     fleet_broker::start(BrokerConfig {

@@ -186,7 +186,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(users) = &users {
         tracing::info!(users = users.len(), "authentication on");
     }
-    let ws_addr = address_or_off("--ws-addr", &args.ws_addr)?;
+    let ws_addr = fleet_runtime::listen_addr_or_off("--ws-addr", &args.ws_addr)
+        .map_err(anyhow::Error::msg)?;
     let tls = match (args.tls_addr, args.tls_cert, args.tls_key) {
         (Some(addr), Some(cert), Some(key)) => Some(TlsListener { addr, cert, key }),
         _ => None,
@@ -213,7 +214,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mqtt_addr: args.mqtt_addr,
         ws_addr,
         tls,
-        http_addr: address_or_off("--metrics-addr", &args.metrics_addr)?,
+        http_addr: fleet_runtime::listen_addr_or_off("--metrics-addr", &args.metrics_addr)
+            .map_err(anyhow::Error::msg)?,
         topics: AclTopics {
             fleet: args.topics.topics(),
             discovery_prefix: args.discovery_prefix,
@@ -252,14 +254,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
     fleet_runtime::shutdown_signal().await;
     broker.stop();
     Ok(())
-}
-
-/// A listen address, or `None` for "off".
-fn address_or_off(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
-    if value == "off" {
-        return Ok(None);
-    }
-    fleet_runtime::listen_addr(value)
-        .map(Some)
-        .map_err(|error| anyhow::anyhow!("{flag} {value:?} is not \"off\" and {error}"))
 }

@@ -1,7 +1,6 @@
 //! robot-node: one robot's node as its own process (on the Pi, or simulated), or many
 //! simulated robots in one process for load tests (`--simulate N`).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -275,10 +274,9 @@ async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
     }
 
     let metrics = Arc::new(NodeMetrics::default());
-    if metrics_addr != "off" {
-        let addr: SocketAddr = metrics_addr.parse().with_context(|| {
-            format!("--metrics-addr {metrics_addr:?} is not an address (or \"off\")")
-        })?;
+    if let Some(addr) = fleet_runtime::listen_addr_or_off("--metrics-addr", &metrics_addr)
+        .map_err(anyhow::Error::msg)?
+    {
         let listener_metrics = metrics.clone();
         tokio::spawn(async move {
             if let Err(error) =

@@ -33,12 +33,6 @@ struct Args {
     gateway: GatewayArgs,
     #[command(flatten)]
     topics: TopicArgs,
-    /// Do not publish Home Assistant discovery for the simulated robots
-    #[arg(long, env = "FLEET_NO_DISCOVERY")]
-    no_discovery: bool,
-    /// Home Assistant's discovery prefix
-    #[arg(long, env = "FLEET_DISCOVERY_PREFIX", default_value = "homeassistant")]
-    discovery_prefix: fleet_protocol::DiscoveryPrefix,
 }
 
 #[tokio::main]
@@ -68,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
         ws_addr: Some(args.ws_addr),
         topics: fleet_broker::acl::AclTopics {
             fleet: topics.clone(),
-            discovery_prefix: args.discovery_prefix.to_string(),
+            discovery_prefix: args.gateway.discovery_prefix.to_string(),
         },
         ..BrokerConfig::default()
     })
@@ -83,12 +77,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot serve HTTP on {http_addr} (see --http-addr)"))?;
     let http = listener.local_addr()?;
-    let gateway_config = GatewayConfig::from_args(
+    let mut gateway_config = GatewayConfig::from_args(
         &args.gateway,
         topics.clone(),
         mqtt.ip().to_string(),
         mqtt.port(),
     );
+    // The port actually listened on (the flag may say :0).
+    let public_url = args.gateway.public_url_for(http);
+    gateway_config.home_assistant.public_url = Some(public_url.clone());
     let mut gateway_state = fleet_gateway::connect(&gateway_config);
     let node_metrics = std::sync::Arc::new(NodeMetrics::default());
     // One process, one scrape: the gateway's /metrics also serves the broker's (per-topic
@@ -114,9 +111,9 @@ async fn main() -> anyhow::Result<()> {
             };
             let mut config = NodeConfig::new(RobotConfig::preset_or_default(id.clone()), address);
             config.topics = topics.clone();
-            config.discovery.enabled = !args.no_discovery;
-            config.discovery.prefix = args.discovery_prefix.clone();
-            config.discovery.configuration_url = Some(format!("http://{http}/"));
+            config.discovery.enabled = !args.gateway.no_discovery;
+            config.discovery.prefix = args.gateway.discovery_prefix.clone();
+            config.discovery.configuration_url = Some(public_url.clone());
             robot_node::spawn(
                 config,
                 Box::new(SimulatedDriver::new(id.to_string())),

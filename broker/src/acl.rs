@@ -4,15 +4,22 @@
 use std::fmt;
 use std::str::FromStr;
 
-use fleet_protocol::Topics;
+use fleet_protocol::topic::GATEWAY_LEVEL;
+use fleet_protocol::{CommandKind, Topics};
 
 /// What a user is for. Templated by username: a robot's username is its robot id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Everything (operators, the all-in-one default for anonymous loopback clients).
     Admin,
-    /// The gateway, Home Assistant: send commands, read everything of the fleet.
+    /// The gateway: send commands, read everything of the fleet, publish the fleet's own
+    /// Home Assistant device and the gateway's status and summary.
     Controller,
+    /// Home Assistant (or a Mosquitto bridge in front of it): read everything of the
+    /// fleet, drive and stop robots, announce itself. It may not decommission a robot, and
+    /// its subscriptions to other integrations' discovery topics (`tasmota/discovery/#`,
+    /// `dsmr/#`, …, made on every connect) are granted: nothing of the fleet is there.
+    HomeAssistant,
     /// A robot node: its own commands in, its own topics, replies and discovery out.
     Robot,
     /// Dashboards: read only.
@@ -25,10 +32,11 @@ impl FromStr for Role {
         match s {
             "admin" => Ok(Role::Admin),
             "controller" => Ok(Role::Controller),
+            "homeassistant" => Ok(Role::HomeAssistant),
             "robot" => Ok(Role::Robot),
             "reader" => Ok(Role::Reader),
             other => Err(format!(
-                "unknown role {other:?} (expected admin, controller, robot or reader)"
+                "unknown role {other:?} (expected admin, controller, homeassistant, robot or reader)"
             )),
         }
     }
@@ -39,6 +47,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Admin => "admin",
             Role::Controller => "controller",
+            Role::HomeAssistant => "homeassistant",
             Role::Robot => "robot",
             Role::Reader => "reader",
         })
@@ -103,7 +112,9 @@ impl AclTopics {
         let (p, d) = (self.prefix(), &self.discovery_prefix);
         match role {
             Role::Admin => vec!["#".to_owned()],
-            Role::Controller | Role::Reader => vec![format!("{p}/#"), format!("{d}/#")],
+            Role::Controller | Role::HomeAssistant | Role::Reader => {
+                vec![format!("{p}/#"), format!("{d}/#")]
+            }
             Role::Robot => vec![
                 format!("{p}/{username}/cmd/#"),
                 format!("{p}/all/cmd/#"),
@@ -122,6 +133,20 @@ impl AclTopics {
         self.subscribe_scopes(role, username)
             .iter()
             .any(|scope| filter_within(filter, scope))
+            || (role == Role::HomeAssistant && self.outside_the_fleet(filter))
+    }
+
+    /// Whether every topic `filter` can match lies outside the fleet's and Home
+    /// Assistant's trees and `$SYS`: its first level is a name, not a wildcard, and not
+    /// the first level of either prefix. Only admins may publish there.
+    fn outside_the_fleet(&self, filter: &str) -> bool {
+        let first = filter.split('/').next().unwrap_or("");
+        let first_of = |prefix: &str| prefix.split('/').next().unwrap_or("").to_owned();
+        !first.is_empty()
+            && !first.starts_with('$')
+            && !first.contains(['+', '#'])
+            && first != first_of(self.prefix())
+            && first != first_of(&self.discovery_prefix)
     }
 
     /// Whether the user may publish to `topic`. Runs for every message, so the filters
@@ -140,7 +165,23 @@ impl AclTopics {
         let (p, d) = (self.prefix(), self.discovery_prefix.as_str());
         match role {
             Role::Admin => true,
-            Role::Controller => within(&[p, "+", "cmd", "+"]) || within(&[d, "status"]),
+            Role::Controller => {
+                within(&[p, "+", "cmd", "+"])
+                    || within(&[d, "status"])
+                    || within(&[p, GATEWAY_LEVEL, "status"])
+                    || within(&[p, GATEWAY_LEVEL, "state"])
+                    || within(&[
+                        d,
+                        "device",
+                        &fleet_protocol::discovery::bridge_object_id(&self.fleet),
+                        "config",
+                    ])
+            }
+            Role::HomeAssistant => {
+                (within(&[p, "+", "cmd", "+"])
+                    && !within(&[p, "+", "cmd", CommandKind::Decommission.as_str()]))
+                    || within(&[d, "status"])
+            }
             Role::Reader => false,
             Role::Robot => {
                 within(&[p, username, "state"])
@@ -236,5 +277,57 @@ mod tests {
         assert!(!acl.may_subscribe(Role::Reader, "grafana", "#"));
         assert!(acl.may_subscribe(Role::Admin, "root", "#"));
         assert!(acl.may_publish(Role::Admin, "root", "anything/else"));
+        let gw = Role::Controller;
+        assert!(acl.may_publish(gw, "gateway", "fleet/_gateway/status"));
+        assert!(acl.may_publish(gw, "gateway", "fleet/_gateway/state"));
+        assert!(acl.may_publish(gw, "gateway", "homeassistant/device/fleet__bridge/config"));
+        assert!(!acl.may_publish(gw, "gateway", "homeassistant/device/fleet_linus/config"));
+        assert!(!acl.may_subscribe(gw, "gateway", "tasmota/discovery/#"));
+    }
+
+    #[test]
+    fn home_assistant_drives_but_does_not_decommission() {
+        let acl = AclTopics::default();
+        let ha = Role::HomeAssistant;
+        assert_eq!("homeassistant".parse(), Ok(ha));
+        assert!(acl.may_publish(ha, "ha", "fleet/linus/cmd/drive"));
+        assert!(acl.may_publish(ha, "ha", "fleet/all/cmd/stop"));
+        assert!(acl.may_publish(ha, "ha", "homeassistant/status"));
+        assert!(!acl.may_publish(ha, "ha", "fleet/linus/cmd/decommission"));
+        assert!(!acl.may_publish(ha, "ha", "fleet/all/cmd/decommission"));
+        assert!(!acl.may_publish(ha, "ha", "fleet/linus/state"));
+        assert!(!acl.may_publish(ha, "ha", "fleet/_gateway/status"));
+        assert!(!acl.may_publish(ha, "ha", "homeassistant/device/fleet_linus/config"));
+        assert!(!acl.may_publish(ha, "ha", "tasmota/discovery/x"));
+        for filter in [
+            "fleet/#",
+            "homeassistant/+/+/config",
+            "homeassistant/status",
+        ] {
+            assert!(acl.may_subscribe(ha, "ha", filter), "{filter}");
+        }
+        // What Home Assistant 2025.4 subscribes to for its other integrations.
+        for filter in [
+            "drop_connect/discovery/#",
+            "dsmr/#",
+            "esphome/discover/#",
+            "fully/deviceInfo/+",
+            "pglab/discovery/#",
+            "cloudapp/QBUSMQTTGW/state",
+            "cloudapp/QBUSMQTTGW/config",
+            "cloudapp/QBUSMQTTGW/+/state",
+            "tasmota/discovery/#",
+        ] {
+            assert!(acl.may_subscribe(ha, "ha", filter), "{filter}");
+        }
+        for filter in ["#", "+/linus/state", "$SYS/#", "fleetx", "/fleet/#"] {
+            let granted = acl.may_subscribe(ha, "ha", filter);
+            assert_eq!(granted, filter == "fleetx", "{filter}");
+        }
+        let multi_level = AclTopics {
+            fleet: Topics::new(fleet_protocol::TopicPrefix::new("site/a").unwrap()),
+            discovery_prefix: "homeassistant".to_owned(),
+        };
+        assert!(!multi_level.may_subscribe(ha, "ha", "site/b/#"));
     }
 }

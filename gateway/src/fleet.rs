@@ -125,6 +125,11 @@ impl Fleet {
         self.read().get(id).cloned()
     }
 
+    /// Looks at every robot in id order, under the table's read lock (no copies).
+    pub(crate) fn for_each_robot(&self, f: impl FnMut(&RobotView)) {
+        self.read().values().for_each(f);
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
         self.events.subscribe()
     }
@@ -272,6 +277,8 @@ pub(crate) struct Bus {
     pub instance: String,
     /// `<prefix>/_gateway/<instance>/`: where this gateway's reply topics start.
     pub reply_prefix: String,
+    /// The gateway's status, the fleet summary and the fleet's Home Assistant device.
+    pub bridge: Arc<crate::home_assistant::BridgeLink>,
 }
 
 /// The longest topic quoted in a log line.
@@ -300,6 +307,7 @@ pub(crate) async fn drive_link(mut eventloop: EventLoop, client: AsyncClient, bu
                         tracing::error!(%filter, %error, "cannot queue the subscription");
                     }
                 }
+                bus.bridge.on_connected();
                 tracing::info!("connected to the broker");
                 fleet.set_connected(true);
                 metrics.broker_connected.set(1);
@@ -335,6 +343,9 @@ impl Bus {
         let topic = String::from_utf8_lossy(&publish.topic);
         if topic.starts_with(&self.reply_prefix) {
             return self.on_reply(&topic, &publish.payload);
+        }
+        if self.bridge.on_publish(&topic, &publish.payload) {
+            return;
         }
         match self.fleet.absorb(&topic, &publish.payload) {
             Ok(("result", robot)) => self.on_result(&robot, &publish.payload),

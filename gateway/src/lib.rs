@@ -6,6 +6,7 @@ pub mod api;
 pub mod commands;
 pub mod fleet;
 pub mod guard;
+pub mod home_assistant;
 pub mod metrics;
 pub mod probe;
 
@@ -25,6 +26,7 @@ pub use api::app;
 use commands::Pending;
 pub use fleet::{Fleet, RobotView};
 use guard::{AllowedOrigin, HostPattern, Policy, RateLimiter};
+pub use home_assistant::HomeAssistantSettings;
 pub use metrics::Metrics;
 
 /// Default of `--max-event-streams`: far more browsers than a fleet has operators, few
@@ -96,6 +98,28 @@ pub struct GatewayArgs {
     /// on state and status topics are ignored, counted and logged
     #[arg(long, env = "FLEET_MAX_ROBOTS", default_value_t = fleet::DEFAULT_MAX_ROBOTS)]
     pub max_robots: usize,
+    /// Publish no Home Assistant discovery (the fleet's device with the e-stop; the
+    /// all-in-one's robots neither)
+    #[arg(long, env = "FLEET_NO_DISCOVERY")]
+    pub no_discovery: bool,
+    /// Home Assistant's discovery prefix
+    #[arg(long, env = "FLEET_DISCOVERY_PREFIX", default_value = "homeassistant")]
+    pub discovery_prefix: fleet_protocol::DiscoveryPrefix,
+    /// The web UI's address as other machines reach it (e.g. http://fleet.local:8080/, or
+    /// the Ingress URL): the Home Assistant devices' "Visit" link. Default: this host's
+    /// name and the --http-addr port when listening on every address, the --http-addr
+    /// itself otherwise
+    #[arg(long, env = "FLEET_PUBLIC_URL")]
+    pub public_url: Option<String>,
+}
+
+impl GatewayArgs {
+    /// `--public-url`, or what it defaults to for the address actually listened on.
+    pub fn public_url_for(&self, http: SocketAddr) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| home_assistant::default_public_url(http))
+    }
 }
 
 /// A configuration the gateway refuses to start with.
@@ -159,6 +183,8 @@ pub struct GatewayConfig {
     pub http: HttpLimits,
     pub max_event_streams: usize,
     pub max_robots: usize,
+    /// The fleet's Home Assistant device.
+    pub home_assistant: HomeAssistantSettings,
 }
 
 impl GatewayConfig {
@@ -190,6 +216,10 @@ impl GatewayConfig {
             },
             max_event_streams: args.max_event_streams,
             max_robots: args.max_robots,
+            home_assistant: HomeAssistantSettings {
+                discovery: (!args.no_discovery).then(|| args.discovery_prefix.clone()),
+                public_url: Some(args.public_url_for(args.http_addr)),
+            },
             ..Self::new(broker_host, broker_port)
         }
     }
@@ -216,6 +246,7 @@ impl GatewayConfig {
             http: HttpLimits::default(),
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
             max_robots: fleet::DEFAULT_MAX_ROBOTS,
+            home_assistant: HomeAssistantSettings::default(),
         }
     }
 
@@ -280,7 +311,14 @@ pub fn connect(config: &GatewayConfig) -> AppState {
     if let Some((username, password)) = &config.credentials {
         options.set_credentials(username.clone(), password.clone());
     }
+    home_assistant::BridgeLink::set_last_will(&config.topics, &mut options);
     let (mqtt, eventloop) = AsyncClient::new(options, 1024);
+    let bridge = Arc::new(home_assistant::BridgeLink {
+        topics: config.topics.clone(),
+        settings: config.home_assistant.clone(),
+        client: mqtt.clone(),
+    });
+    home_assistant::spawn_summary(bridge.clone(), fleet.clone());
     let pending = Arc::new(Pending::default());
     let log_limit = Arc::new(LogLimiter::default());
     let bus = fleet::Bus {
@@ -290,6 +328,7 @@ pub fn connect(config: &GatewayConfig) -> AppState {
         log_limit: log_limit.clone(),
         instance: config.client_id.clone(),
         reply_prefix: format!("{}/_gateway/{}/", config.topics.prefix(), config.client_id),
+        bridge,
     };
     tokio::spawn(fleet::drive_link(eventloop, mqtt.clone(), bus));
     let state = AppState {

@@ -400,6 +400,10 @@ impl CommandEnvelope {
                         expected: "a single number",
                     });
                 }
+                // A motor also takes a percentage (Home Assistant's percent slider).
+                [word] if matches!(channel, Channel::Motor(_)) => {
+                    parse_speed_text(field, word)?.into()
+                }
                 [word] => parse_integer_text(field, word)?,
                 _ => {
                     return Err(CommandError::InvalidValue {
@@ -670,8 +674,26 @@ fn integral(float: f64) -> Option<i64> {
     (in_range && float.fract() == 0.0).then_some(float as i64)
 }
 
+/// A speed `0`..`10`, or a percentage of full speed in steps of 10 (`70%` is 7; Home
+/// Assistant's speed sliders send percentages).
 fn parse_speed_text(field: &'static str, word: &str) -> Result<u8, CommandError> {
-    check_speed(field, parse_integer_text(field, word)?)
+    let Some(percent) = word.strip_suffix('%') else {
+        return check_speed(field, parse_integer_text(field, word)?);
+    };
+    let percent = check_range(
+        field,
+        parse_integer_text(field, percent.trim_end())?,
+        0,
+        100,
+    )?;
+    if percent % 10 != 0 {
+        return Err(CommandError::InvalidValue {
+            field,
+            expected: "a speed 0..10 or a percentage in steps of 10 (0%, 10%, … 100%)",
+            got: word.to_owned(),
+        });
+    }
+    check_speed(field, percent / 10)
 }
 
 fn parse_angle_text(field: &'static str, word: &str) -> Result<i16, CommandError> {
@@ -1294,6 +1316,25 @@ mod tests {
                 ..
             })
         ));
+        assert_eq!(
+            at("motor1", "70%").unwrap(),
+            Command::Speed(SpeedTarget([Some(7), None])),
+            "Home Assistant's percent slider"
+        );
+        assert_eq!(
+            at("motor2", "0%").unwrap(),
+            Command::Speed(SpeedTarget([None, Some(0)]))
+        );
+        assert!(matches!(
+            at("motor1", "110%"),
+            Err(CommandError::OutOfRange { max: 100, .. })
+        ));
+        assert!(matches!(
+            at("motor1", "55%"),
+            Err(CommandError::InvalidValue { .. })
+        ));
+        assert!(at("motor1", "%").is_err());
+        assert!(at("motor1", "-10%").is_err());
         assert!(matches!(at("motor1", ""), Err(CommandError::Empty { .. })));
         assert!(at("motor1", "3 4").is_err());
         assert!(at("motor1", r#"{"speed":3}"#).is_err());

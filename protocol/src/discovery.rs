@@ -92,6 +92,80 @@ pub fn object_id(topics: &Topics, robot: &str) -> String {
     format!("{prefix}_{robot}")
 }
 
+/// The object id of the fleet's own device (the bridge, published by the gateway):
+/// `<topic prefix>__bridge`. No robot's object id can be it, because robot ids may not
+/// start with `_`.
+pub fn bridge_object_id(topics: &Topics) -> String {
+    object_id(topics, "_bridge")
+}
+
+/// `my robot` → `My robot`: Home Assistant shows device names as written.
+fn display_name(id: &str) -> String {
+    let mut chars = id.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Which topic decides whether Home Assistant shows a component as available.
+#[derive(Clone, Copy)]
+enum ComponentAvailability {
+    /// The publisher's status topic (`online`/`offline`).
+    Publisher,
+    /// Always available while Home Assistant is connected to the broker: the e-stop (it
+    /// goes to the robots, not through the gateway) and what stays meaningful while the
+    /// publisher is gone (last seen, the gateway's own connectivity).
+    Always,
+}
+
+/// A discovery document's components, keyed by `unique_id`.
+struct Components<'a> {
+    object_id: &'a str,
+    availability_topic: &'a str,
+    map: Map<String, Value>,
+}
+
+impl Components<'_> {
+    fn add(
+        &mut self,
+        key: &str,
+        platform: &str,
+        name: &str,
+        availability: ComponentAvailability,
+        mut config: Value,
+    ) {
+        let unique_id = format!("{}_{key}", self.object_id);
+        if let Some(map) = config.as_object_mut() {
+            map.insert("platform".into(), platform.into());
+            map.insert("name".into(), name.into());
+            map.insert("unique_id".into(), unique_id.clone().into());
+            // On every component: Home Assistant takes `qos` from the component, not from
+            // the device document, and sent every command (the stops too) at QoS 0 while
+            // it was only there.
+            map.insert("qos".into(), 1.into());
+            // Per component too, so that some can stay available without it.
+            if let ComponentAvailability::Publisher = availability {
+                map.insert("availability_topic".into(), self.availability_topic.into());
+                map.insert(
+                    "payload_available".into(),
+                    Availability::Online.as_str().into(),
+                );
+                map.insert(
+                    "payload_not_available".into(),
+                    Availability::Offline.as_str().into(),
+                );
+            }
+        }
+        self.map.insert(unique_id, config);
+    }
+}
+
+/// Shows the last command's whole record (id, command, status, time, and the error code
+/// and reason of a refusal) as a component's attributes.
+const LAST_COMMAND_ATTRIBUTES: &str =
+    "{{ value_json.last_command | tojson if value_json.last_command else '{}' }}";
+
 /// One robot's discovery document and where it goes.
 #[derive(Debug, Clone)]
 pub struct DiscoveryDevice<'a> {
@@ -120,20 +194,13 @@ impl DiscoveryDevice<'_> {
     pub fn document(&self) -> Value {
         let object_id = self.object_id();
         let state_topic = self.topics.state(self.robot);
-        let mut components = Map::new();
-        let mut add = |key: &str, platform: &str, name: &str, mut config: Value| {
-            let unique_id = format!("{object_id}_{key}");
-            if let Some(map) = config.as_object_mut() {
-                map.insert("platform".into(), platform.into());
-                map.insert("name".into(), name.into());
-                map.insert("unique_id".into(), unique_id.clone().into());
-                // On every component: Home Assistant takes `qos` from the component, not
-                // from the device document, and sent every command (the stops too) at
-                // QoS 0 while it was only there.
-                map.insert("qos".into(), 1.into());
-            }
-            components.insert(unique_id, config);
+        let status_topic = self.topics.status(self.robot);
+        let mut components = Components {
+            object_id: &object_id,
+            availability_topic: &status_topic,
+            map: Map::new(),
         };
+        let robot_availability = ComponentAvailability::Publisher;
 
         let drive_topic = self.topics.command(self.robot, CommandKind::Drive);
         for (direction, name, icon) in [
@@ -143,10 +210,11 @@ impl DiscoveryDevice<'_> {
             (Direction::Right, "Right", "mdi:arrow-right-bold"),
             (Direction::Stop, "Stop", "mdi:stop"),
         ] {
-            add(
+            components.add(
                 direction.as_str(),
                 "button",
                 name,
+                robot_availability,
                 json!({
                     "command_topic": drive_topic,
                     "payload_press": direction.as_str(),
@@ -154,37 +222,40 @@ impl DiscoveryDevice<'_> {
                 }),
             );
         }
-        add(
-            "stop_all",
+        let eyes_topic = self.topics.command(self.robot, CommandKind::Eyes);
+        components.add(
+            "identify",
             "button",
-            "Stop all robots",
+            "Identify",
+            robot_availability,
             json!({
-                "command_topic": self.topics.fleet_command(CommandKind::Stop),
-                "payload_press": "PRESS",
-                "icon": "mdi:alert-octagon",
+                "command_topic": eyes_topic,
+                "payload_press": "blink",
+                "device_class": "identify",
+                "entity_category": "config",
             }),
         );
-        add(
+        components.add(
             "eyes",
-            "switch",
+            "light",
             "Eyes",
+            robot_availability,
             json!({
-                "command_topic": self.topics.command(self.robot, CommandKind::Eyes),
+                "command_topic": eyes_topic,
                 "payload_on": "ON",
                 "payload_off": "OFF",
                 "state_topic": state_topic,
-                "value_template": "{{ value_json.eyes }}",
-                "state_on": "on",
-                "state_off": "off",
+                "state_value_template": "{{ 'ON' if value_json.eyes == 'on' else 'OFF' }}",
                 "icon": "mdi:eye",
             }),
         );
         for index in 0..self.capabilities.servos.min(crate::command::SERVOS) {
             let channel = Channel::Servo(index);
-            add(
+            components.add(
                 channel.as_str(),
                 "number",
                 &format!("Servo {}", index + 1),
+                robot_availability,
                 json!({
                     "command_topic": self.topics.command_at(self.robot, CommandAddress::Channel(channel)),
                     "state_topic": state_topic,
@@ -201,18 +272,23 @@ impl DiscoveryDevice<'_> {
         if self.capabilities.speed_control {
             for index in 0..crate::command::MOTORS {
                 let channel = Channel::Motor(index);
-                add(
+                // In percent, as Home Assistant shows speeds; a motor's command topic
+                // takes `70%` as speed 7.
+                components.add(
                     &format!("{}_speed", channel.as_str()),
                     "number",
                     &format!("Motor {} speed", index + 1),
+                    robot_availability,
                     json!({
                         "command_topic": self.topics.command_at(self.robot, CommandAddress::Channel(channel)),
+                        "command_template": "{{ value | int }}%",
                         "state_topic": state_topic,
-                        "value_template": format!("{{{{ value_json.motors[{index}].speed }}}}"),
+                        "value_template": format!("{{{{ value_json.motors[{index}].speed * {PERCENT_PER_SPEED_STEP} }}}}"),
                         "min": 0,
-                        "max": MAX_SPEED,
-                        "step": 1,
+                        "max": u32::from(MAX_SPEED) * PERCENT_PER_SPEED_STEP,
+                        "step": PERCENT_PER_SPEED_STEP,
                         "mode": "slider",
+                        "unit_of_measurement": "%",
                         "icon": "mdi:speedometer",
                     }),
                 );
@@ -222,10 +298,11 @@ impl DiscoveryDevice<'_> {
                 .iter()
                 .map(|(label, speed)| format!("{{% elif s == {speed} %}}{label}"))
                 .collect();
-            add(
+            components.add(
                 "speed_preset",
                 "select",
                 "Speed preset",
+                robot_availability,
                 json!({
                     "command_topic": self.topics.command(self.robot, CommandKind::Speed),
                     "state_topic": state_topic,
@@ -237,40 +314,50 @@ impl DiscoveryDevice<'_> {
                 }),
             );
         }
-        add(
+        components.add(
             "moving",
             "binary_sensor",
             "Moving",
+            robot_availability,
             json!({
                 "state_topic": state_topic,
                 "value_template": "{{ 'OFF' if value_json.motion == 'stop' else 'ON' }}",
                 "device_class": "moving",
             }),
         );
-        add(
+        components.add(
             "last_command",
             "sensor",
             "Last command",
+            robot_availability,
             json!({
                 "state_topic": state_topic,
                 "value_template": "{{ value_json.last_command.command if value_json.last_command else 'none' }}",
+                "json_attributes_topic": state_topic,
+                "json_attributes_template": LAST_COMMAND_ATTRIBUTES,
+                "entity_category": "diagnostic",
                 "icon": "mdi:console-line",
             }),
         );
-        add(
+        components.add(
             "last_result",
             "sensor",
             "Last command result",
+            robot_availability,
             json!({
                 "state_topic": state_topic,
                 "value_template": "{{ value_json.last_command.status if value_json.last_command else 'none' }}",
+                "json_attributes_topic": state_topic,
+                "json_attributes_template": LAST_COMMAND_ATTRIBUTES,
+                "entity_category": "diagnostic",
                 "icon": "mdi:check-circle-outline",
             }),
         );
-        add(
+        components.add(
             "uptime",
             "sensor",
             "Uptime",
+            robot_availability,
             json!({
                 "state_topic": state_topic,
                 "value_template": "{{ value_json.uptime_s }}",
@@ -279,13 +366,30 @@ impl DiscoveryDevice<'_> {
                 "entity_category": "diagnostic",
             }),
         );
+        // Stays available while the robot is offline: when it was last heard of is what
+        // matters then. The node republishes its state every heartbeat.
+        components.add(
+            "last_seen",
+            "sensor",
+            "Last seen",
+            ComponentAvailability::Always,
+            json!({
+                "state_topic": state_topic,
+                "value_template": "{{ (value_json.last_seen_ms / 1000) | timestamp_custom('%Y-%m-%dT%H:%M:%S+00:00', false) }}",
+                "device_class": "timestamp",
+                "entity_category": "diagnostic",
+                "icon": "mdi:clock-check-outline",
+            }),
+        );
 
         let mut device = json!({
             "identifiers": [object_id],
-            "name": self.robot.as_str(),
+            "name": display_name(self.robot.as_str()),
             "manufacturer": "fleet",
             "model": self.model(),
             "sw_version": self.sw_version,
+            // Listed under the fleet's device, which holds the e-stop.
+            "via_device": bridge_object_id(self.topics),
         });
         if let (Some(url), Some(map)) = (self.configuration_url, device.as_object_mut()) {
             map.insert("configuration_url".into(), url.into());
@@ -296,12 +400,8 @@ impl DiscoveryDevice<'_> {
                 "name": "fleet robot-node",
                 "sw_version": self.sw_version,
             },
-            // Shared by every component: the robot's last will decides availability.
-            "availability_topic": self.topics.status(self.robot),
-            "payload_available": Availability::Online.as_str(),
-            "payload_not_available": Availability::Offline.as_str(),
             "qos": 1,
-            "components": components,
+            "components": components.map,
         })
     }
 
@@ -320,6 +420,119 @@ impl DiscoveryDevice<'_> {
             1 => format!("Raspberry Pi robot (2 motors, {speed}, eye LED, 1 servo)"),
             n => format!("Raspberry Pi robot (2 motors, {speed}, eye LED, {n} servos)"),
         }
+    }
+}
+
+/// A speed step (0..=10) in percent of full speed.
+const PERCENT_PER_SPEED_STEP: u32 = 10;
+
+/// The fleet's own device ("bridge", as Zigbee2MQTT calls its own), published by the
+/// gateway: the fleet-wide e-stop, the gateway's connectivity and the fleet summary.
+/// Every robot's device names it as its `via_device`.
+#[derive(Debug, Clone)]
+pub struct BridgeDevice<'a> {
+    pub topics: &'a Topics,
+    pub prefix: &'a DiscoveryPrefix,
+    /// The gateway's version.
+    pub sw_version: &'a str,
+    /// The gateway's web UI, as other machines reach it.
+    pub configuration_url: Option<&'a str>,
+}
+
+impl BridgeDevice<'_> {
+    pub fn object_id(&self) -> String {
+        bridge_object_id(self.topics)
+    }
+
+    /// `<discovery prefix>/device/<prefix>__bridge/config` (retained).
+    pub fn config_topic(&self) -> String {
+        format!("{}/device/{}/config", self.prefix, self.object_id())
+    }
+
+    pub fn document(&self) -> Value {
+        let object_id = self.object_id();
+        let status_topic = self.topics.gateway_status();
+        let summary_topic = self.topics.gateway_state();
+        let mut components = Components {
+            object_id: &object_id,
+            availability_topic: &status_topic,
+            map: Map::new(),
+        };
+        // Straight to every robot's stop topic: pressable whether or not a gateway is up.
+        components.add(
+            "stop_all",
+            "button",
+            "Stop all robots",
+            ComponentAvailability::Always,
+            json!({
+                "command_topic": self.topics.fleet_command(CommandKind::Stop),
+                "payload_press": "PRESS",
+                "icon": "mdi:alert-octagon",
+            }),
+        );
+        components.add(
+            "gateway",
+            "binary_sensor",
+            "Gateway",
+            ComponentAvailability::Always,
+            json!({
+                "state_topic": status_topic,
+                "payload_on": Availability::Online.as_str(),
+                "payload_off": Availability::Offline.as_str(),
+                "device_class": "connectivity",
+                "entity_category": "diagnostic",
+            }),
+        );
+        for (key, name, field, icon) in [
+            ("robots_online", "Robots online", "online", "mdi:robot"),
+            (
+                "robots_moving",
+                "Robots moving",
+                "moving",
+                "mdi:robot-excited",
+            ),
+            ("robots", "Robots", "robots", "mdi:robot-outline"),
+        ] {
+            components.add(
+                key,
+                "sensor",
+                name,
+                ComponentAvailability::Publisher,
+                json!({
+                    "state_topic": summary_topic,
+                    "value_template": format!("{{{{ value_json.{field} }}}}"),
+                    "json_attributes_topic": summary_topic,
+                    "json_attributes_template": "{{ {'online': value_json.online_robots, 'offline': value_json.offline_robots} | tojson }}",
+                    "state_class": "measurement",
+                    "icon": icon,
+                }),
+            );
+        }
+        let prefix = self.topics.prefix().as_str();
+        let name = if prefix == crate::topic::DEFAULT_PREFIX {
+            "Fleet".to_owned()
+        } else {
+            format!("Fleet {prefix}")
+        };
+        let mut device = json!({
+            "identifiers": [object_id],
+            "name": name,
+            "manufacturer": "fleet",
+            "model": "Robot fleet (gateway)",
+            "sw_version": self.sw_version,
+        });
+        if let (Some(url), Some(map)) = (self.configuration_url, device.as_object_mut()) {
+            map.insert("configuration_url".into(), url.into());
+        }
+        json!({
+            "device": device,
+            "origin": {
+                "name": "fleet gateway",
+                "sw_version": self.sw_version,
+            },
+            "qos": 1,
+            "components": components.map,
+        })
     }
 }
 
@@ -363,7 +576,14 @@ mod tests {
         );
         let doc = device.document();
         assert!(doc["device"].get("configuration_url").is_none());
-        assert_eq!(doc["availability_topic"], "site/a/linus/status");
+        assert_eq!(
+            doc["components"]["site_a_linus_forward"]["availability_topic"],
+            "site/a/linus/status"
+        );
+        assert_eq!(doc["device"]["via_device"], "site_a__bridge");
+        assert_eq!(doc["device"]["name"], "Linus");
+        assert_eq!(display_name("écluse-2"), "Écluse-2");
+        assert_eq!(bridge_object_id(&topics), "site_a__bridge");
     }
 
     #[test]

@@ -15,10 +15,10 @@ pub use command::{
     Channel, Command, CommandAddress, CommandEnvelope, CommandError, CommandKind, Direction,
     EyesCommand, ServoTarget, SpeedTarget,
 };
-pub use discovery::{Capabilities, DiscoveryDevice, DiscoveryPrefix};
+pub use discovery::{BridgeDevice, Capabilities, DiscoveryDevice, DiscoveryPrefix};
 pub use state::{
-    Availability, CommandOutcome, CommandResult, CommandWarning, EyesState, LastCommand,
-    MotorDirection, MotorState, RobotState,
+    Availability, CommandOutcome, CommandResult, CommandWarning, EyesState, FleetSummary,
+    LastCommand, MotorDirection, MotorState, RobotState,
 };
 pub use topic::{CommandTarget, RobotId, TopicError, TopicPrefix, Topics};
 pub use trace::{TraceContextError, TraceParent};

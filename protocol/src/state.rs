@@ -74,6 +74,12 @@ pub struct LastCommand {
     /// answers to a fleet-wide command are spread out (docs/protocol.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_ms: Option<u64>,
+    /// Why it was refused: the result's error code and reason (absent when it was carried
+    /// out), so a refusal is visible where the state is read (Home Assistant's attributes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Retained JSON on `<prefix>/<robot>/state`, published on every change.
@@ -92,6 +98,21 @@ pub struct RobotState {
     /// When the node published this (milliseconds since the Unix epoch). The node
     /// republishes its state every heartbeat interval, so a stale value means a silent node.
     pub last_seen_ms: u64,
+}
+
+/// Retained JSON on `<prefix>/_gateway/state`: the gateway's view of the fleet, published
+/// when it changes. Home Assistant's fleet device reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetSummary {
+    /// Robots the gateway knows of (configured or seen).
+    pub robots: usize,
+    /// Of those, the ones whose status is `online`.
+    pub online: usize,
+    /// Of those, the ones whose last state says they are moving.
+    pub moving: usize,
+    /// The ids of the robots that are online and offline, sorted.
+    pub online_robots: Vec<String>,
+    pub offline_robots: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +242,8 @@ mod tests {
                 command: CommandKind::Drive,
                 status: CommandOutcome::Ok,
                 at_ms: Some(1_699_999_999_990),
+                code: None,
+                error: None,
             }),
             uptime_s: 5,
             last_seen_ms: 1_700_000_000_000,

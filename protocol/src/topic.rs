@@ -8,6 +8,10 @@ use crate::command::{CommandAddress, CommandKind};
 /// The robot id that addresses every robot at once (`fleet/all/cmd/stop` is the e-stop).
 pub const ALL_ROBOTS: &str = "all";
 
+/// The level under the prefix where the gateways' own topics live. Robot ids may not
+/// start with `_`, so it never names a robot.
+pub const GATEWAY_LEVEL: &str = "_gateway";
+
 /// Longest robot id accepted; keeps topics and metric labels bounded.
 pub const MAX_ROBOT_ID_LEN: usize = 64;
 
@@ -102,9 +106,12 @@ impl TopicPrefix {
     }
 }
 
+/// The topic prefix when none is given.
+pub const DEFAULT_PREFIX: &str = "fleet";
+
 impl Default for TopicPrefix {
     fn default() -> Self {
-        Self("fleet".to_owned())
+        Self(DEFAULT_PREFIX.to_owned())
     }
 }
 
@@ -194,13 +201,26 @@ impl Topics {
     /// (`<prefix>/_gateway/+/<robot>/result`) and no robot can answer for another. The
     /// leading `_` keeps it apart from robot ids, which may not start with `_`.
     pub fn gateway_reply(&self, instance: &str, robot: &RobotId) -> String {
-        format!("{}/_gateway/{instance}/{robot}/result", self.prefix)
+        format!("{}/{GATEWAY_LEVEL}/{instance}/{robot}/result", self.prefix)
+    }
+
+    /// `<prefix>/_gateway/status` (retained): `online` while a gateway is connected,
+    /// `offline` (its last will) when it is gone. The fleet's Home Assistant device is
+    /// available by it.
+    pub fn gateway_status(&self) -> String {
+        format!("{}/{GATEWAY_LEVEL}/status", self.prefix)
+    }
+
+    /// `<prefix>/_gateway/state` (retained): the gateway's summary of the fleet
+    /// ([`crate::state::FleetSummary`]).
+    pub fn gateway_state(&self) -> String {
+        format!("{}/{GATEWAY_LEVEL}/state", self.prefix)
     }
 
     /// Subscription filter for every reply to one gateway instance:
     /// `<prefix>/_gateway/<instance>/+/result`.
     pub fn gateway_replies_filter(&self, instance: &str) -> String {
-        format!("{}/_gateway/{instance}/+/result", self.prefix)
+        format!("{}/{GATEWAY_LEVEL}/{instance}/+/result", self.prefix)
     }
 
     /// The robot a reply topic of `instance` belongs to

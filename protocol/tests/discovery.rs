@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use fleet_protocol::{
-    Capabilities, CommandEnvelope, CommandTarget, DiscoveryDevice, DiscoveryPrefix, RobotId, Topics,
+    BridgeDevice, Capabilities, CommandEnvelope, CommandTarget, DiscoveryDevice, DiscoveryPrefix,
+    RobotId, Topics,
 };
 use serde_json::Value;
 
@@ -49,6 +50,18 @@ fn torvalds() -> (String, Value) {
     )
 }
 
+fn bridge() -> (String, Value) {
+    let topics = Topics::default();
+    let prefix = DiscoveryPrefix::default();
+    let device = BridgeDevice {
+        topics: &topics,
+        prefix: &prefix,
+        sw_version: VERSION,
+        configuration_url: Some(GATEWAY),
+    };
+    (device.config_topic(), device.document())
+}
+
 fn check_golden(name: &str, doc: &Value) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
@@ -77,10 +90,26 @@ fn documents_match_the_golden_files() {
     let (topic, doc) = torvalds();
     assert_eq!(topic, "homeassistant/device/fleet_torvalds/config");
     check_golden("discovery-torvalds", &doc);
+    let (topic, doc) = bridge();
+    assert_eq!(topic, "homeassistant/device/fleet__bridge/config");
+    check_golden("discovery-bridge", &doc);
 }
 
-/// What Home Assistant sends on a component's command topic.
+/// What Home Assistant sends on a component's command topic: its values through the
+/// component's command template, of which only the one form the documents use is known.
 fn payloads_home_assistant_sends(component: &Value) -> Vec<String> {
+    let values = values_home_assistant_sends(component);
+    match component.get("command_template").and_then(Value::as_str) {
+        None => values,
+        Some("{{ value | int }}%") => values
+            .iter()
+            .map(|v| format!("{}%", v.parse::<f64>().unwrap() as i64))
+            .collect(),
+        Some(other) => panic!("no rendering for the command template {other:?}"),
+    }
+}
+
+fn values_home_assistant_sends(component: &Value) -> Vec<String> {
     let text = |key: &str, default: &str| {
         component
             .get(key)
@@ -90,7 +119,7 @@ fn payloads_home_assistant_sends(component: &Value) -> Vec<String> {
     };
     match component["platform"].as_str().unwrap() {
         "button" => vec![text("payload_press", "PRESS")],
-        "switch" => vec![text("payload_on", "ON"), text("payload_off", "OFF")],
+        "switch" | "light" => vec![text("payload_on", "ON"), text("payload_off", "OFF")],
         // Home Assistant sends whole numbers without a fraction, others as floats.
         "number" => {
             let (min, max) = (
@@ -120,7 +149,12 @@ fn every_component_is_complete_and_routed() {
         assert_eq!(doc["device"]["identifiers"][0], format!("fleet_{robot}"));
         assert_eq!(doc["device"]["configuration_url"], GATEWAY);
         assert_eq!(doc["origin"]["name"], "fleet robot-node");
-        assert_eq!(doc["availability_topic"], format!("fleet/{robot}/status"));
+        assert_eq!(doc["device"]["via_device"], "fleet__bridge");
+        let name = doc["device"]["name"].as_str().unwrap();
+        assert!(
+            name.starts_with(char::is_uppercase),
+            "{name} is capitalised"
+        );
         let components = doc["components"].as_object().unwrap();
         let mut unique_ids = HashSet::new();
         let mut platforms = HashSet::new();
@@ -137,10 +171,26 @@ fn every_component_is_complete_and_routed() {
             assert_eq!(component["qos"], 1, "{unique_id} is at QoS 1");
             platforms.insert(component["platform"].as_str().unwrap().to_owned());
 
+            // Unavailable while the robot is offline, except when it was last seen.
+            let availability = component.get("availability_topic");
+            if unique_id.ends_with("_last_seen") {
+                assert!(availability.is_none(), "{unique_id}");
+            } else {
+                assert_eq!(
+                    availability.and_then(Value::as_str),
+                    Some(format!("fleet/{robot}/status").as_str()),
+                    "{unique_id}"
+                );
+                assert_eq!(component["payload_available"], "online");
+                assert_eq!(component["payload_not_available"], "offline");
+            }
             // Every state topic is one the node publishes: its retained state.
             if let Some(state_topic) = component.get("state_topic") {
                 assert_eq!(state_topic, &format!("fleet/{robot}/state"), "{unique_id}");
-                assert!(component["value_template"].is_string(), "{unique_id}");
+                let template = component
+                    .get("value_template")
+                    .or(component.get("state_value_template"));
+                assert!(template.is_some_and(Value::is_string), "{unique_id}");
             }
             // Every command topic is routed by the node, and every payload Home
             // Assistant sends there is a valid command, with no template.
@@ -150,18 +200,10 @@ fn every_component_is_complete_and_routed() {
                 );
                 continue;
             };
-            assert!(
-                component.get("command_template").is_none(),
-                "{unique_id} needs no command template"
-            );
             let (target, address) = topics
                 .parse_command(command_topic.as_str().unwrap())
                 .unwrap_or_else(|e| panic!("{unique_id}: {e}"));
-            if unique_id.ends_with("_stop_all") {
-                assert_eq!(target, CommandTarget::All);
-            } else {
-                assert_eq!(target, CommandTarget::Robot(RobotId::new(robot).unwrap()));
-            }
+            assert_eq!(target, CommandTarget::Robot(RobotId::new(robot).unwrap()));
             for payload in payloads_home_assistant_sends(component) {
                 CommandEnvelope::parse_at(address, payload.as_bytes())
                     .unwrap_or_else(|e| panic!("{unique_id} payload {payload:?}: {e}"));
@@ -170,7 +212,7 @@ fn every_component_is_complete_and_routed() {
         let expected: &[&str] = if robot == "linus" {
             &[
                 "button",
-                "switch",
+                "light",
                 "number",
                 "select",
                 "sensor",
@@ -178,7 +220,7 @@ fn every_component_is_complete_and_routed() {
             ]
         } else {
             // torvalds has no speed control and no servos.
-            &["button", "switch", "sensor", "binary_sensor"]
+            &["button", "light", "sensor", "binary_sensor"]
         };
         assert_eq!(
             platforms,
@@ -189,6 +231,15 @@ fn every_component_is_complete_and_routed() {
             "{robot}"
         );
     }
+}
+
+/// The top-level fields a template reads (`value_json.<field>`).
+fn fields_read(template: &str) -> impl Iterator<Item = String> + '_ {
+    template.split("value_json.").skip(1).map(|part| {
+        part.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    })
 }
 
 #[test]
@@ -202,21 +253,80 @@ fn value_templates_read_fields_the_state_document_has() {
         "uptime_s": 5, "last_seen_ms": 1
     });
     let (_, doc) = linus();
-    for component in doc["components"].as_object().unwrap().values() {
-        let Some(template) = component.get("value_template").and_then(Value::as_str) else {
+    let templates = doc["components"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|component| {
+            [
+                "value_template",
+                "state_value_template",
+                "json_attributes_template",
+            ]
+            .map(|key| (component, component.get(key).and_then(Value::as_str)))
+        });
+    for (component, template) in templates {
+        let Some(template) = template else {
             continue;
         };
         // Every `value_json.<field>` the template reads exists in the state document.
-        for part in template.split("value_json.").skip(1) {
-            let field: String = part
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
+        for field in fields_read(template) {
             assert!(
                 state.get(&field).is_some(),
                 "{} reads {field}",
                 component["unique_id"]
             );
+        }
+    }
+}
+
+#[test]
+fn the_bridge_holds_the_e_stop_and_stays_pressable() {
+    let (_, doc) = bridge();
+    let topics = Topics::default();
+    assert_eq!(doc["device"]["identifiers"][0], "fleet__bridge");
+    assert_eq!(doc["device"]["name"], "Fleet");
+    assert_eq!(doc["device"]["configuration_url"], GATEWAY);
+    let components = doc["components"].as_object().unwrap();
+    let stop = &components["fleet__bridge_stop_all"];
+    let (target, address) = topics
+        .parse_command(stop["command_topic"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(target, CommandTarget::All);
+    CommandEnvelope::parse_at(address, b"PRESS").unwrap();
+    assert_eq!(stop["qos"], 1);
+    // Never greyed out: the e-stop goes to the robots, not through the gateway.
+    assert!(stop.get("availability_topic").is_none());
+    for (key, component) in components {
+        assert_eq!(component["qos"], 1, "{key}");
+        if let Some(state_topic) = component.get("state_topic") {
+            let expected = [topics.gateway_status(), topics.gateway_state()];
+            assert!(expected.iter().any(|t| t == state_topic), "{key}");
+        }
+        let summary = component.get("state_topic") == Some(&topics.gateway_state().into());
+        assert_eq!(
+            component.get("availability_topic").is_some(),
+            summary,
+            "{key}: only the gateway's summary goes unavailable with the gateway"
+        );
+    }
+    // The summary fields the templates read are those the gateway publishes.
+    let summary = serde_json::to_value(fleet_protocol::FleetSummary {
+        robots: 2,
+        online: 1,
+        moving: 0,
+        online_robots: vec!["linus".into()],
+        offline_robots: vec!["torvalds".into()],
+    })
+    .unwrap();
+    for component in components.values() {
+        for key in ["value_template", "json_attributes_template"] {
+            let Some(template) = component.get(key).and_then(Value::as_str) else {
+                continue;
+            };
+            for field in fields_read(template) {
+                assert!(summary.get(&field).is_some(), "{template} reads {field}");
+            }
         }
     }
 }

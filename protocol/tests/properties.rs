@@ -215,6 +215,8 @@ fn robot_state() -> impl Strategy<Value = RobotState> {
                 CommandOutcome::Error
             },
             at_ms,
+            code: (!ok).then(|| "out_of_range".to_owned()),
+            error: (!ok).then(|| "angle 500 is outside -90..90".to_owned()),
         });
     (
         robot_id(),
@@ -482,7 +484,8 @@ proptest! {
         let reread: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&reread, &doc);
         let status_topic = topics.status(&robot);
-        prop_assert_eq!(doc["availability_topic"].as_str(), Some(status_topic.as_str()));
+        let bridge = fleet_protocol::discovery::bridge_object_id(&topics);
+        prop_assert_eq!(doc["device"]["via_device"].as_str(), Some(bridge.as_str()));
 
         let Some(components) = doc["components"].as_object() else {
             return Err(TestCaseError::fail("no components"));
@@ -495,6 +498,13 @@ proptest! {
             prop_assert!(unique_ids.insert(unique_id.to_owned()), "duplicate {}", unique_id);
             if let Some(state_topic) = component.get("state_topic").and_then(Value::as_str) {
                 prop_assert_eq!(state_topic, topics.state(&robot));
+            }
+            // Available by the robot's status, except its last-seen time.
+            let availability = component.get("availability_topic").and_then(Value::as_str);
+            if unique_id.ends_with("_last_seen") {
+                prop_assert_eq!(availability, None);
+            } else {
+                prop_assert_eq!(availability, Some(status_topic.as_str()), "{}", unique_id);
             }
             if let Some(command_topic) = component.get("command_topic").and_then(Value::as_str) {
                 let routed = topics.parse_command(command_topic);

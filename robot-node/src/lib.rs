@@ -11,4 +11,4 @@ pub mod robot;
 pub use config::{BrokerAddress, ConfigFile, DiscoverySettings, NodeConfig, RobotConfig};
 pub use driver::{Driver, RecordingDriver, SimulatedDriver};
 pub use metrics::NodeMetrics;
-pub use node::{NodeError, NodeHandle, run, spawn};
+pub use node::{DECOMMISSIONED_EXIT_CODE, Ending, NodeError, NodeHandle, run, spawn};

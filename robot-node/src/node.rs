@@ -31,6 +31,9 @@ use crate::robot::{CommandFailure, Robot};
 /// Answers to fleet-wide commands held back at once (see `NodeConfig::fleet_reply_spread`);
 /// past that, a flood of fleet-wide commands is answered at once instead of piling up.
 const MAX_DEFERRED_REPLIES: usize = 64;
+/// The longest refusal reason kept in the retained state's `last_command.error` (the
+/// full one is in the result).
+const MAX_STATE_ERROR_CHARS: usize = 200;
 
 /// Largest packet the node accepts. Bigger than any valid command and than the broker's
 /// largest packet (1 MiB by default), so that an oversized command reaches the parser
@@ -73,12 +76,27 @@ struct Received {
 
 /// Runs the robot until `shutdown` completes, then drives every output to its safe state
 /// and says `offline` before leaving.
+/// Why a node stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Told to (`shutdown`, SIGTERM, Ctrl-C).
+    Stopped,
+    /// A `decommission` command took the robot out of the fleet. A supervisor should not
+    /// start it again (the systemd unit's `RestartPreventExitStatus`, see
+    /// [`DECOMMISSIONED_EXIT_CODE`]).
+    Decommissioned,
+}
+
+/// The robot-node binary's exit status after a decommission: not a failure, and not to
+/// be restarted. (Exit statuses 0 and 1 are a clean stop and an error.)
+pub const DECOMMISSIONED_EXIT_CODE: u8 = 10;
+
 pub async fn run(
     config: NodeConfig,
     driver: Box<dyn Driver>,
     metrics: Arc<NodeMetrics>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), NodeError> {
+) -> Result<Ending, NodeError> {
     let robot = Robot::new(config.robot.clone(), driver)?;
     let (client, eventloop) = AsyncClient::new(mqtt_options(&config), OUTGOING_CAPACITY);
     let (events_tx, mut events) = mpsc::channel(256);
@@ -121,7 +139,11 @@ pub async fn run(
     // don't wait forever for a dead link.
     let _ = tokio::time::timeout(Duration::from_secs(1), link).await;
     drop((events, stops));
-    Ok(())
+    Ok(if node.decommissioned {
+        Ending::Decommissioned
+    } else {
+        Ending::Stopped
+    })
 }
 
 fn mqtt_options(config: &NodeConfig) -> MqttOptions {
@@ -649,6 +671,12 @@ impl Node {
                     CommandOutcome::Error
                 },
                 at_ms: Some(now_ms()),
+                code: outcome.as_ref().err().map(|f| f.code.to_owned()),
+                // The reason may quote the payload: the retained state keeps a short one.
+                error: outcome
+                    .as_ref()
+                    .err()
+                    .map(|f| f.message.chars().take(MAX_STATE_ERROR_CHARS).collect()),
             });
         }
         let spread = self.config.fleet_reply_spread;
@@ -960,7 +988,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 /// A node running in the background (the all-in-one binary and tests run several).
 pub struct NodeHandle {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), NodeError>>,
+    task: tokio::task::JoinHandle<Result<Ending, NodeError>>,
 }
 
 impl NodeHandle {
@@ -970,7 +998,7 @@ impl NodeHandle {
             let _ = stop.send(());
         }
         match self.task.await {
-            Ok(outcome) => outcome,
+            Ok(outcome) => outcome.map(|_| ()),
             // The task only ends by returning; a join error means it was cancelled.
             Err(_) => Ok(()),
         }

@@ -85,9 +85,13 @@ async fn a_v311_home_assistant_discovers_and_drives_linus() {
         .wait_for("retained discovery", |m| m.topic == DISCOVERY_LINUS)
         .await;
     assert!(message.payload.starts_with(b"{"));
-    assert_eq!(doc["device"]["name"], "linus");
+    assert_eq!(doc["device"]["name"], "Linus");
     assert_eq!(doc["device"]["configuration_url"], GATEWAY_URL);
-    assert_eq!(doc["availability_topic"], "fleet/linus/status");
+    assert_eq!(doc["device"]["via_device"], "fleet__bridge");
+    assert_eq!(
+        component(&doc, "forward")["availability_topic"],
+        "fleet/linus/status"
+    );
     ha.wait_for("online", |m| {
         m.topic == "fleet/linus/status" && m.text() == "online"
     })
@@ -106,11 +110,19 @@ async fn a_v311_home_assistant_discovers_and_drives_linus() {
     })
     .await;
 
-    // The switch: ON / OFF as Home Assistant sends them; its state comes from the robot.
+    // The light: ON / OFF as Home Assistant sends them; its state comes from the robot.
     let eyes = component(&doc, "eyes");
-    assert_eq!(text(eyes, "state_on"), "on");
+    assert_eq!(text(eyes, "platform"), "light");
     operate(&ha, eyes, text(eyes, "payload_on"), |s| s["eyes"] == "on").await;
     operate(&ha, eyes, text(eyes, "payload_off"), |s| s["eyes"] == "off").await;
+    // Identify blinks the eye LED (on until the blink ends).
+    let identify = component(&doc, "identify");
+    operate(&ha, identify, text(identify, "payload_press"), |s| {
+        s["eyes"] == "on"
+    })
+    .await;
+    ha.wait_for_json("fleet/linus/state", |s| s["eyes"] == "off")
+        .await;
 
     // Numbers: a bare value on the channel's own topic moves only that servo or motor.
     let servo1 = component(&doc, "servo1");
@@ -118,8 +130,10 @@ async fn a_v311_home_assistant_discovers_and_drives_linus() {
     assert_eq!(state["servos"][1], 0, "servo 2 is left alone");
     let servo2 = component(&doc, "servo2");
     operate(&ha, servo2, "-30.0", |s| s["servos"][1] == -30).await;
+    // Speeds in percent: the slider's 70.0 goes out as `70%` (its command template).
     let motor2 = component(&doc, "motor2_speed");
-    let state = operate(&ha, motor2, "7", |s| s["motors"][1]["speed"] == 7).await;
+    assert_eq!(text(motor2, "command_template"), "{{ value | int }}%");
+    let state = operate(&ha, motor2, "70%", |s| s["motors"][1]["speed"] == 7).await;
     assert_eq!(state["motors"][0]["speed"], 10, "motor 1 is left alone");
 
     // The select: an option is a payload the node understands.
@@ -135,9 +149,29 @@ async fn a_v311_home_assistant_discovers_and_drives_linus() {
     assert_eq!(state["last_command"]["status"], "ok");
     assert!(state["uptime_s"].is_u64());
 
-    // The fleet-wide stop.
-    let stop_all = component(&doc, "stop_all");
-    assert_eq!(text(stop_all, "command_topic"), "fleet/all/cmd/stop");
+    // A refusal shows in the state, with its code, for the sensors' attributes.
+    let state = operate(&ha, servo1, "500", |s| {
+        s["last_command"]["status"] == "error"
+    })
+    .await;
+    assert_eq!(state["last_command"]["code"], "out_of_range");
+    assert!(state["last_command"]["error"].is_string());
+
+    // The fleet-wide stop is on the fleet's device (the gateway's), not the robot's.
+    assert!(doc["components"].get("fleet_linus_stop_all").is_none());
+    let (topics, prefix) = (
+        fleet_protocol::Topics::default(),
+        fleet_protocol::DiscoveryPrefix::default(),
+    );
+    let bridge = fleet_protocol::BridgeDevice {
+        topics: &topics,
+        prefix: &prefix,
+        sw_version: "test",
+        configuration_url: None,
+    }
+    .document();
+    let stop_all = &bridge["components"]["fleet__bridge_stop_all"];
+    operate(&ha, forward, "forward", |s| s["motion"] == "forward").await;
     operate(&ha, stop_all, text(stop_all, "payload_press"), |s| {
         s["motion"] == "stop"
     })
@@ -178,10 +212,18 @@ async fn every_command_topic_in_the_document_gets_an_ok_result() {
         };
         let payloads: Vec<String> = match text(component, "platform") {
             "button" => vec![text(component, "payload_press").to_owned()],
-            "switch" => vec![
+            "switch" | "light" => vec![
                 text(component, "payload_on").to_owned(),
                 text(component, "payload_off").to_owned(),
             ],
+            // Through the sliders' one command template (`{{ value | int }}%`).
+            "number" if component.get("command_template").is_some() => {
+                assert_eq!(text(component, "command_template"), "{{ value | int }}%");
+                vec![
+                    format!("{}%", component["min"]),
+                    format!("{}%", component["max"]),
+                ]
+            }
             "number" => vec![
                 component["min"].to_string(),
                 component["max"].to_string(),

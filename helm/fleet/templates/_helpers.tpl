@@ -77,3 +77,12 @@ runAsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The gateway's web UI as users reach it (empty when nothing says). */}}
+{{- define "fleet.publicUrl" -}}
+{{- if .Values.gateway.publicUrl -}}
+{{ .Values.gateway.publicUrl }}
+{{- else if .Values.gateway.ingress.enabled -}}
+{{ if .Values.gateway.ingress.tls }}https{{ else }}http{{ end }}://{{ .Values.gateway.ingress.host }}/
+{{- end -}}
+{{- end -}}

@@ -12,7 +12,8 @@ use fleet_protocol::{DiscoveryPrefix, RobotId};
 use fleet_runtime::{HostPort, TopicArgs};
 use robot_node::driver::{RppalDriver, is_raspberry_pi};
 use robot_node::{
-    BrokerAddress, ConfigFile, Driver, NodeConfig, NodeMetrics, RobotConfig, SimulatedDriver,
+    BrokerAddress, ConfigFile, DECOMMISSIONED_EXIT_CODE, Driver, Ending, NodeConfig, NodeMetrics,
+    RobotConfig, SimulatedDriver,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,7 +125,7 @@ where
         .transpose()
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches)?;
     // One robot needs one thread (a Pi Zero has one core, and every worker thread costs
@@ -137,10 +138,15 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?,
     };
-    runtime.block_on(run(matches, args))
+    let ending = runtime.block_on(run(matches, args))?;
+    Ok(match ending {
+        Ending::Stopped => std::process::ExitCode::SUCCESS,
+        // Distinct, so that a supervisor does not bring the robot straight back.
+        Ending::Decommissioned => std::process::ExitCode::from(DECOMMISSIONED_EXIT_CODE),
+    })
 }
 
-async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
+async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<Ending> {
     let _telemetry = fleet_runtime::telemetry::init("robot-node");
 
     let file = args
@@ -288,11 +294,20 @@ async fn run(matches: ArgMatches, args: Args) -> anyhow::Result<()> {
     }
 
     match args.simulate {
-        Some(count) => run_simulated(config, count, metrics).await,
+        Some(count) => run_simulated(config, count, metrics)
+            .await
+            .map(|()| Ending::Stopped),
         None => {
             let driver = open_driver(driver_kind, &config.robot)?;
-            robot_node::run(config, driver, metrics, fleet_runtime::shutdown_signal()).await?;
-            Ok(())
+            let ending =
+                robot_node::run(config, driver, metrics, fleet_runtime::shutdown_signal()).await?;
+            if ending == Ending::Decommissioned {
+                tracing::warn!(
+                    exit_code = DECOMMISSIONED_EXIT_CODE,
+                    "decommissioned: exiting with the status that tells a supervisor not to restart"
+                );
+            }
+            Ok(ending)
         }
     }
 }

@@ -156,7 +156,7 @@ check "a hostile web page in the operator's browser cannot drive the robots (chr
 
 # Home Assistant discovery, seen as Home Assistant sees it: MQTT 3.1.1, retained documents.
 discovery_documents() {
-  mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -C 2 -W 10 -v -t 'homeassistant/device/+/config' \
+  mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -C 3 -W 10 -v -t 'homeassistant/device/+/config' \
     >"$ART/discovery.txt" || return 1
   python3 - "$ART/discovery.txt" <<'PY'
 import json, sys
@@ -166,12 +166,29 @@ for line in open(sys.argv[1]):
     docs[topic] = json.loads(payload)
 linus = docs["homeassistant/device/fleet_linus/config"]
 torvalds = docs["homeassistant/device/fleet_torvalds/config"]
-assert linus["device"]["name"] == "linus" and linus["availability_topic"] == "fleet/linus/status"
+bridge = docs["homeassistant/device/fleet__bridge/config"]
+assert linus["device"]["name"] == "Linus" and linus["device"]["via_device"] == "fleet__bridge"
+assert linus["components"]["fleet_linus_forward"]["availability_topic"] == "fleet/linus/status"
 assert "fleet_linus_servo1" in linus["components"] and "fleet_torvalds_servo1" not in torvalds["components"]
 assert all("unique_id" in c for d in docs.values() for c in d["components"].values())
+stop_all = bridge["components"]["fleet__bridge_stop_all"]
+assert stop_all["command_topic"] == "fleet/all/cmd/stop" and "availability_topic" not in stop_all
 PY
 }
-check "both robots publish retained Home Assistant discovery (read over 3.1.1)" discovery_documents
+check "both robots and the gateway's fleet device publish retained Home Assistant discovery (read over 3.1.1)" discovery_documents
+home_assistant_templates() {
+  mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -C 3 -W 10 -v -t 'fleet/+/state' \
+    >"$ART/retained-states.txt" || return 1
+  python3 e2e/check_templates.py "$ART/discovery.txt" "$ART/retained-states.txt"
+}
+check "every Home Assistant template renders (Jinja2) against the live states, as HA would read it" \
+  home_assistant_templates
+check "the gateway says it is online (retained fleet/_gateway/status)" \
+  has_line <(mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -C 1 -W 5 -t fleet/_gateway/status) '^online$'
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/motor1 -m 70%
+check "a speed slider's 70% on cmd/motor1 (as Home Assistant sends it) sets motor 1 to 7" \
+  wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/linus/state .*"motors":\[\{"direction":"[a-z]*","speed":7\}'
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/motor1 -m 10
 mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/servo1 -m 45.0
 latest_state_has() { # latest_state_has ROBOT REGEX: the robot's newest state matches
   grep "^fleet/$1/state " "$ART/sub-v311.txt" | tail -n 1 | grep -Eq "$2"
@@ -179,7 +196,7 @@ latest_state_has() { # latest_state_has ROBOT REGEX: the robot's newest state ma
 check "a number's bare value on cmd/servo1 (as Home Assistant sends it) moves servo 1" \
   wait_for 10 latest_state_has linus '"servos":\[45,'
 mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/eyes -m OFF
-check "the switch's OFF turns the eyes off" wait_for 10 latest_state_has linus '"eyes":"off"'
+check "the eyes light's OFF turns the eyes off" wait_for 10 latest_state_has linus '"eyes":"off"'
 mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/eyes -m ON
 check "... and ON turns them on" wait_for 10 latest_state_has linus '"eyes":"on"'
 

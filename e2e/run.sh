@@ -503,6 +503,9 @@ fi
 # Mosquitto as the broker, and the fault tests.
 source e2e/mosquitto.sh
 
+# Beside an existing Mosquitto: Home Assistant's own broker bridged to fleet-broker.
+source e2e/bridge.sh
+
 # A clean shutdown leaves the robots safe and offline, all of them at once: with both
 # robots driving, the stop (Ctrl-C and SIGTERM take the same path) reaches both together.
 mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -F '%U %t %p' -t 'fleet/+/status' \

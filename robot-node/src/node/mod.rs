@@ -1,6 +1,9 @@
 //! The node: one robot on one MQTT connection. Commands in, results and state out,
 //! availability through the last will, and the dead-man timer that stops the motors when
 //! drive commands stop coming or the broker link is lost.
+//!
+//! This module dispatches commands; `link` runs the MQTT connection, `outbox` sends
+//! (results, state, held-back publishes), `presence` announces the robot and leaves.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -11,22 +14,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use fleet_protocol::trace::TRACESTATE;
 use fleet_protocol::{
-    Availability, COMMAND_ID_PROPERTY, Command, CommandAddress, CommandEnvelope, CommandKind,
-    CommandOutcome, CommandResult, CommandTarget, CommandWarning, DiscoveryDevice, EyesCommand,
-    LastCommand, TopicError, Topics, TraceParent, command::validate_id,
+    COMMAND_ID_PROPERTY, Command, CommandAddress, CommandEnvelope, CommandKind, CommandOutcome,
+    CommandResult, CommandTarget, CommandWarning, EyesCommand, LastCommand, TopicError,
+    TraceParent, command::validate_id,
 };
 use fleet_runtime::telemetry::set_remote_parent;
-use rumqttc::Outgoing;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::AsyncClient;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until};
+use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 
 use crate::config::NodeConfig;
 use crate::driver::{Driver, DriverError};
 use crate::metrics::NodeMetrics;
 use crate::robot::{CommandFailure, Robot};
+
+mod link;
+mod outbox;
+mod presence;
+
+pub use link::MIN_KEEP_ALIVE;
+use link::{LinkEvent, OUTGOING_CAPACITY, Received, drive_link, mqtt_options};
+use outbox::OutgoingPublish;
 
 /// Answers to fleet-wide commands held back at once (see `NodeConfig::fleet_reply_spread`);
 /// past that, a flood of fleet-wide commands is answered at once instead of piling up.
@@ -35,47 +43,12 @@ const MAX_DEFERRED_REPLIES: usize = 64;
 /// full one is in the result).
 const MAX_STATE_ERROR_CHARS: usize = 200;
 
-/// Largest packet the node accepts. Bigger than any valid command and than the broker's
-/// largest packet (1 MiB by default), so that an oversized command reaches the parser
-/// and gets an error result instead of killing the link, and an oversized stop is
-/// carried out.
-const MAX_INCOMING_PACKET: u32 = 2 * 1024 * 1024;
-/// Requests queued towards the MQTT event loop.
-const OUTGOING_CAPACITY: usize = 1024;
-/// QoS 1 publishes (results, state) awaiting their PUBACK at once.
-const OUTGOING_INFLIGHT: u16 = 64;
-/// Publishes held back while the client's queue is full (see `Node::publish`).
-const MAX_UNSENT: usize = 4096;
-/// How often a held-back publish is retried.
-const UNSENT_RETRY: Duration = Duration::from_millis(5);
-/// At most one state publish per this interval; changes in between are folded into the
-/// next one (the state is "latest wins"), so a command burst does not double the traffic.
-const STATE_INTERVAL: Duration = Duration::from_millis(20);
-/// Shortest MQTT keep-alive the client library accepts.
-pub const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// A connection that lasted this long resets the reconnect backoff.
-const STABLE_CONNECTION: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("cannot drive the hardware to its safe state: {0}")]
     Hardware(#[from] DriverError),
 }
 
-enum LinkEvent {
-    Connected,
-    Disconnected(String),
-    Message(Box<Received>),
-}
-
-/// A message and when the link task took it off the wire (orders it against stops).
-struct Received {
-    at: Instant,
-    publish: Publish,
-}
-
-/// Runs the robot until `shutdown` completes, then drives every output to its safe state
-/// and says `offline` before leaving.
 /// Why a node stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -91,6 +64,8 @@ pub enum Ending {
 /// be restarted. (Exit statuses 0 and 1 are a clean stop and an error.)
 pub const DECOMMISSIONED_EXIT_CODE: u8 = 10;
 
+/// Runs the robot until `shutdown` completes, then drives every output to its safe state
+/// and says `offline` before leaving.
 pub async fn run(
     config: NodeConfig,
     driver: Box<dyn Driver>,
@@ -146,146 +121,6 @@ pub async fn run(
     })
 }
 
-fn mqtt_options(config: &NodeConfig) -> MqttOptions {
-    let topics = &config.topics;
-    let mut options = MqttOptions::new(
-        config.client_id.clone(),
-        config.broker.host.clone(),
-        config.broker.port,
-    );
-    // rumqttc refuses (panics on) keep-alives under 5 s; the binary refuses them too.
-    options.set_keep_alive(config.keep_alive.max(MIN_KEEP_ALIVE));
-    if let Some((username, password)) = &config.credentials {
-        options.set_credentials(username.clone(), password.clone());
-    }
-    // A persistent session: QoS 1 commands sent while the node was briefly away are
-    // delivered when it returns (stale ones are refused by their deadline or expiry).
-    options.set_clean_start(false);
-    options.set_session_expiry_interval(Some(
-        u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX),
-    ));
-    options.set_max_packet_size(Some(MAX_INCOMING_PACKET));
-    // Small packets must leave at once (Nagle plus delayed ACKs adds up to 40 ms).
-    let mut network = options.network_options();
-    network.set_tcp_nodelay(true);
-    options.set_network_options(network);
-    if let Some(tls) = &config.tls {
-        options.set_transport(tls.transport());
-    }
-    // rumqttc preallocates a slot per in-flight publish, 65,535 by default (about 13 MB);
-    // a node has a handful of publishes in flight.
-    options.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
-    options.set_last_will(LastWill::new(
-        topics.status(&config.robot.id),
-        Availability::Offline.as_str(),
-        QoS::AtLeastOnce,
-        true,
-        None,
-    ));
-    options
-}
-
-/// Polls the MQTT event loop (which also reconnects) and turns what happens into
-/// `LinkEvent`s; stop commands go to their own channel. Retries with exponential backoff
-/// and full jitter, reset once a connection has been stable.
-async fn drive_link(
-    mut eventloop: EventLoop,
-    topics: Topics,
-    events: mpsc::Sender<LinkEvent>,
-    stops: mpsc::Sender<Received>,
-) {
-    let mut backoff = Backoff::default();
-    let mut connected_at: Option<Instant> = None;
-    let mut failures: u32 = 0;
-    loop {
-        let polled = tokio::select! {
-            polled = eventloop.poll() => polled,
-            // The node is gone (stopped or killed): drop the connection with it.
-            () = events.closed() => return,
-        };
-        let event = match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected_at = Some(Instant::now());
-                failures = 0;
-                LinkEvent::Connected
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let received = Received {
-                    at: Instant::now(),
-                    publish,
-                };
-                let topic = String::from_utf8_lossy(&received.publish.topic);
-                let stop = CommandAddress::Command(CommandKind::Stop);
-                if matches!(topics.parse_command(&topic), Ok((_, address)) if address == stop) {
-                    if stops.send(received).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                LinkEvent::Message(Box::new(received))
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                // rumqttc reports the DISCONNECT before it has flushed it (and whatever
-                // was queued before it): keep polling until the broker closes the link.
-                let flush = async { while eventloop.poll().await.is_ok() {} };
-                let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
-                return;
-            }
-            Ok(_) => continue,
-            Err(error) => {
-                fleet_runtime::mqtt_link::fresh_state_after_error(&mut eventloop);
-                if connected_at
-                    .take()
-                    .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
-                {
-                    backoff.reset();
-                }
-                let delay = backoff.next_delay();
-                let message = error.to_string();
-                failures += 1;
-                // Loud at first, then less and less often: a broker that stays away (or a
-                // certificate that is not trusted) must be visible without flooding the log.
-                if failures.is_power_of_two() {
-                    tracing::warn!(error = %message, failures, ?delay, "cannot connect to the broker, retrying");
-                } else {
-                    tracing::debug!(error = %message, failures, ?delay, "cannot connect to the broker, retrying");
-                }
-                if events.send(LinkEvent::Disconnected(message)).await.is_err() {
-                    return;
-                }
-                sleep(delay).await;
-                continue;
-            }
-        };
-        if events.send(event).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Exponential backoff with full jitter (0.1 s doubling to 5 s).
-#[derive(Default)]
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    const BASE: Duration = Duration::from_millis(100);
-    const CAP: Duration = Duration::from_secs(5);
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = Self::BASE
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(Self::CAP);
-        self.attempt = self.attempt.saturating_add(1);
-        ceiling.mul_f64(rand::random::<f64>())
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -326,15 +161,6 @@ struct DeferredReply {
     response_topic: Option<String>,
     correlation: Option<Bytes>,
     with_state: bool,
-}
-
-/// A QoS 1 publish the node wants to send.
-#[derive(Clone)]
-struct OutgoingPublish {
-    topic: String,
-    retain: bool,
-    payload: Vec<u8>,
-    properties: Option<PublishProperties>,
 }
 
 impl Node {
@@ -380,99 +206,6 @@ impl Node {
 
     fn robot_name(&self) -> &str {
         self.config.robot.id.as_str()
-    }
-
-    fn on_connected(&mut self) {
-        let topics = &self.config.topics;
-        let id = &self.config.robot.id;
-        if !self.connected {
-            self.connected = true;
-            self.metrics.robots_connected.inc();
-        }
-        self.metrics.connects.inc();
-        tracing::info!(robot = %id, broker = %format!("{}:{}", self.config.broker.host, self.config.broker.port), "connected");
-        // rumqttc does not restore subscriptions, and the session may be new: subscribe
-        // after every connect (repeating a subscription is harmless).
-        let mut filters = vec![topics.command_filter(id), topics.fleet_command_filter()];
-        if self.config.discovery.enabled {
-            // Home Assistant's birth message: it has (re)started and wants discovery again.
-            filters.push(self.config.discovery.prefix.status_topic());
-        }
-        for filter in filters {
-            if let Err(error) = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                tracing::error!(%filter, %error, "cannot queue the subscription");
-            }
-        }
-        self.announce();
-    }
-
-    /// Availability, then the discovery document, then the state: Home Assistant reads
-    /// the retained state once the entities exist.
-    fn announce(&mut self) {
-        let topics = &self.config.topics;
-        let id = &self.config.robot.id;
-        self.publish(
-            topics.status(id),
-            true,
-            Availability::Online.as_str().into(),
-            None,
-        );
-        if self.config.discovery.enabled {
-            let device = self.discovery_device();
-            let payload = serde_json::to_vec(&device.document()).unwrap_or_default();
-            self.publish(device.config_topic(), true, payload, None);
-            self.metrics.discovery_published.inc();
-        }
-        self.publish_state();
-    }
-
-    fn discovery_device(&self) -> DiscoveryDevice<'_> {
-        DiscoveryDevice {
-            topics: &self.config.topics,
-            prefix: &self.config.discovery.prefix,
-            robot: &self.config.robot.id,
-            capabilities: self.config.robot.capabilities(),
-            sw_version: env!("CARGO_PKG_VERSION"),
-            configuration_url: self.config.discovery.configuration_url.as_deref(),
-        }
-    }
-
-    /// Home Assistant said `online` on its status topic: re-publish after a random delay
-    /// (a whole fleet answering at the same instant would be a burst for nothing).
-    fn on_home_assistant_status(&mut self, payload: &[u8]) {
-        let status = String::from_utf8_lossy(payload);
-        if status.trim() != "online" {
-            tracing::debug!(status = %status.escape_debug(), "Home Assistant status");
-            return;
-        }
-        if self.discovery_due.is_none() {
-            let delay = self
-                .config
-                .discovery
-                .birth_delay_max
-                .mul_f64(rand::random::<f64>());
-            tracing::info!(?delay, "Home Assistant started: re-publishing discovery");
-            self.discovery_due = Some(Instant::now() + delay);
-        }
-    }
-
-    /// Takes the robot out: empty retained payloads remove it from Home Assistant and
-    /// clear its state and availability; then the node leaves without a last will.
-    fn clear_retained_topics(&mut self) {
-        let topics = &self.config.topics;
-        let id = &self.config.robot.id;
-        let cleared = [
-            self.discovery_device().config_topic(),
-            topics.state(id),
-            topics.status(id),
-        ];
-        // A folded state publish must not bring the state back after it was cleared.
-        self.state_dirty.set(false);
-        for topic in cleared {
-            self.publish(topic, true, Vec::new(), None);
-        }
-        tracing::warn!(robot = %self.robot_name(), "decommissioned: discovery, state and status cleared; leaving");
-        self.decommissioned = true;
     }
 
     fn on_link_lost(&mut self, reason: &str) {
@@ -781,186 +514,6 @@ impl Node {
             _ => {}
         }
         Ok(())
-    }
-
-    fn publish_result(
-        &mut self,
-        result: &CommandResult,
-        response_topic: Option<String>,
-        correlation: Option<Bytes>,
-    ) {
-        let topics = &self.config.topics;
-        let topic = match response_topic {
-            Some(t)
-                if !t.is_empty()
-                    && !t.contains(['+', '#', '\0'])
-                    && !topics.is_command_topic(&t) =>
-            {
-                t
-            }
-            Some(t) => {
-                tracing::warn!(response_topic = %t.escape_debug(), "unusable response topic; answering on the result topic");
-                topics.result(&self.config.robot.id)
-            }
-            None => topics.result(&self.config.robot.id),
-        };
-        let payload = serde_json::to_vec(result).unwrap_or_default();
-        let properties = correlation.map(|data| PublishProperties {
-            correlation_data: Some(data),
-            ..Default::default()
-        });
-        self.publish(topic, false, payload, properties);
-    }
-
-    /// Publishes the state now, or folds it into the next publish when the last one was
-    /// less than `STATE_INTERVAL` ago.
-    fn publish_state(&self) {
-        let too_soon = self
-            .state_published_at
-            .get()
-            .is_some_and(|at| at.elapsed() < STATE_INTERVAL);
-        if too_soon {
-            self.state_dirty.set(true);
-        } else {
-            self.publish_state_now();
-        }
-    }
-
-    fn publish_state_now(&self) {
-        self.state_dirty.set(false);
-        self.state_published_at.set(Some(Instant::now()));
-        let payload = serde_json::to_vec(&self.robot.state(now_ms())).unwrap_or_default();
-        self.publish(
-            self.config.topics.state(&self.config.robot.id),
-            true,
-            payload,
-            None,
-        );
-    }
-
-    /// When the held-back work (a folded state, publishes waiting for room) is due.
-    fn flush_due(&self) -> Option<Instant> {
-        let state = self
-            .state_dirty
-            .get()
-            .then(|| self.state_published_at.get().map(|at| at + STATE_INTERVAL))
-            .flatten();
-        let unsent = (!self.unsent.borrow().is_empty()).then(|| Instant::now() + UNSENT_RETRY);
-        state.into_iter().chain(unsent).min()
-    }
-
-    fn flush(&self) {
-        if self.state_dirty.get()
-            && self
-                .state_published_at
-                .get()
-                .is_none_or(|at| at.elapsed() >= STATE_INTERVAL)
-        {
-            self.publish_state_now();
-        }
-        loop {
-            let Some(next) = self.unsent.borrow().front().cloned() else {
-                return;
-            };
-            if !self.try_queue(&next) {
-                return;
-            }
-            self.unsent.borrow_mut().pop_front();
-        }
-    }
-
-    /// Queues a QoS 1 publish without waiting, so the node never blocks on the network
-    /// while motors may be running. When the client's queue is full (its event loop
-    /// serves incoming packets first, so a burst of commands can outpace the results),
-    /// the publish waits in `unsent` and is retried in order; only beyond `MAX_UNSENT`
-    /// is one dropped, counted and logged.
-    fn publish(
-        &self,
-        topic: String,
-        retain: bool,
-        payload: Vec<u8>,
-        properties: Option<PublishProperties>,
-    ) {
-        let message = OutgoingPublish {
-            topic,
-            retain,
-            payload,
-            properties,
-        };
-        let waiting = !self.unsent.borrow().is_empty();
-        if !waiting && self.try_queue(&message) {
-            return;
-        }
-        let mut unsent = self.unsent.borrow_mut();
-        if unsent.len() < MAX_UNSENT {
-            unsent.push_back(message);
-        } else {
-            self.metrics.publishes_dropped.inc();
-            tracing::warn!(topic = %message.topic, held = unsent.len(), "publish dropped: too many publishes waiting for the broker link");
-        }
-    }
-
-    /// Hands one publish to the MQTT client; false when the client's queue is full.
-    fn try_queue(&self, message: &OutgoingPublish) -> bool {
-        let OutgoingPublish {
-            topic,
-            retain,
-            payload,
-            properties,
-        } = message.clone();
-        let queued = match properties {
-            Some(p) => {
-                self.client
-                    .try_publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, p)
-            }
-            None => self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, retain, payload),
-        };
-        queued.is_ok()
-    }
-
-    /// Safe state, last state, `offline`, and a clean DISCONNECT (so no will is sent).
-    /// A decommissioned node has cleared its topics and leaves them empty.
-    async fn leave(&mut self) {
-        self.send_deferred_replies(true);
-        if self.decommissioned {
-            self.motors_deadline = None;
-            self.eye_deadline = None;
-            if self.connected {
-                self.connected = false;
-                self.metrics.robots_connected.dec();
-            }
-            self.flush();
-            let _ = self.client.try_disconnect();
-            return;
-        }
-        if let Err(error) = self.robot.safe_state() {
-            tracing::error!(robot = %self.robot_name(), %error, "could not reach the safe state on shutdown");
-        }
-        self.motors_deadline = None;
-        self.eye_deadline = None;
-        if self.connected {
-            self.connected = false;
-            self.metrics.robots_connected.dec();
-        }
-        self.publish_state_now();
-        self.publish(
-            self.config.topics.status(&self.config.robot.id),
-            true,
-            Availability::Offline.as_str().into(),
-            None,
-        );
-        self.flush();
-        let left_behind = self.unsent.borrow().len();
-        if left_behind > 0 {
-            tracing::warn!(
-                left_behind,
-                "leaving with publishes the broker link never took"
-            );
-        }
-        let _ = self.client.try_disconnect();
-        tracing::info!(robot = %self.robot_name(), "stopped: outputs safe, status offline");
     }
 }
 

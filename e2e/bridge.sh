@@ -172,6 +172,23 @@ check "the e-stop (fleet/all/cmd/stop) through the bridge stops linus while it d
 check "... and its result comes back over the bridge" \
   wait_for 5 has_line "$ART/bridge-ha-side.txt" '^fleet/linus/result .*"command":"stop","status":"ok"'
 
+# The latched e-stop goes both ways: Home Assistant latches and releases it on Mosquitto
+# (its buttons publish it retained), every robot on fleet-broker obeys, and Mosquitto
+# shows what fleet-broker holds.
+mosquitto_pub -p $HA_PORT -q 1 -r -t fleet/estop -m '{"engaged":true,"by":"Home Assistant"}' || true
+check "the latch published (retained) on Mosquitto reaches fleet-broker: linus says it is latched" \
+  wait_for 10 has_line "$ART/bridge-ha-side.txt" '^fleet/linus/state .*"estop":"engaged"'
+sleep 2
+echo "     (latch: Mosquitto saw $(ha_count '^fleet/estop ') message(s), fleet-broker $(fleet_count '^fleet/estop '))"
+check "... once on each side: the latch does not loop" \
+  test "$(ha_count '^fleet/estop ')-$(fleet_count '^fleet/estop ')" = 1-1
+mosquitto_pub -p $HA_PORT -q 1 -t fleet/linus/cmd/drive -m forward || true
+check "... a drive through the bridge is refused (estop_engaged)" \
+  wait_for 10 has_line "$ART/bridge-ha-side.txt" '^fleet/linus/result .*"command":"drive".*"code":"estop_engaged"'
+mosquitto_pub -p $HA_PORT -q 1 -r -t fleet/estop -m '{"engaged":false,"by":"Home Assistant"}' || true
+check "... released on Mosquitto, linus takes motion again" \
+  wait_for 10 has_line "$ART/bridge-ha-side.txt" '^fleet/linus/state .*"estop":"clear"'
+
 # A retained command on Mosquitto would be sent again on every reconnect of the bridge:
 # fleet-broker refuses it, now and after it restarts.
 mosquitto_pub -p $HA_PORT -r -q 1 -t fleet/linus/cmd/drive -m right || true

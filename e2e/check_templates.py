@@ -5,8 +5,8 @@ read, and checks what comes out the way Home Assistant would take it.
 
 Usage: check_templates.py DISCOVERY_DUMP STATE_DUMP
   DISCOVERY_DUMP  `mosquitto_sub -v -t 'homeassistant/device/+/config'` output
-  STATE_DUMP      `mosquitto_sub -v -t 'fleet/+/state'` (robots) and
-                  `fleet/_gateway/state` output, one `topic payload` per line
+  STATE_DUMP      `mosquitto_sub -v -t 'fleet/+/state' -t fleet/estop` output (robots,
+                  the gateway's summary, the latch), one `topic payload` per line
 
 Home Assistant adds filters of its own; the two the documents use are defined here as
 Home Assistant documents them: `timestamp_custom(format, local)` and `tojson`/`int`
@@ -29,17 +29,25 @@ def timestamp_custom(value, fmt, local=True):
 
 
 def read_dump(path):
+    """Topic -> payload text, from `mosquitto_sub -v` lines."""
     documents = {}
     with open(path, encoding="utf-8") as dump:
         for line in dump:
             topic, _, payload = line.rstrip("\n").partition(" ")
-            if payload:
-                documents[topic] = json.loads(payload)
+            documents[topic] = payload
     return documents
 
 
+def variables(payload):
+    """What Home Assistant gives a template: `value`, and `value_json` when it parses."""
+    try:
+        return {"value": payload, "value_json": json.loads(payload)}
+    except ValueError:
+        return {"value": payload}
+
+
 def main():
-    devices = read_dump(sys.argv[1])
+    devices = {t: json.loads(p) for t, p in read_dump(sys.argv[1]).items()}
     states = read_dump(sys.argv[2])
     env = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined)
     env.filters["timestamp_custom"] = timestamp_custom
@@ -69,10 +77,10 @@ def main():
                 template = component.get(field)
                 if template is None:
                     continue
-                if topic not in states:
-                    problems.append(f"{where}: no retained document on {topic}")
-                    continue
-                out = render(f"{where} {field}", template, value_json=states[topic])
+                # No retained message (the latch never engaged): an empty payload, as
+                # Home Assistant renders a deleted retained message.
+                payload = states.get(topic, "")
+                out = render(f"{where} {field}", template, **variables(payload))
                 if out is None:
                     continue
                 platform = component["platform"]

@@ -118,6 +118,8 @@ impl AclTopics {
             Role::Robot => vec![
                 format!("{p}/{username}/cmd/#"),
                 format!("{p}/all/cmd/#"),
+                // The fleet's latched e-stop: a robot refuses motion until it can read it.
+                format!("{p}/estop"),
                 // Home Assistant's birth message, to re-publish discovery.
                 format!("{d}/status"),
             ],
@@ -167,6 +169,7 @@ impl AclTopics {
             Role::Admin => true,
             Role::Controller => {
                 within(&[p, "+", "cmd", "+"])
+                    || within(&[p, "estop"])
                     || within(&[d, "status"])
                     || within(&[p, GATEWAY_LEVEL, "status"])
                     || within(&[p, GATEWAY_LEVEL, "state"])
@@ -180,6 +183,7 @@ impl AclTopics {
             Role::HomeAssistant => {
                 (within(&[p, "+", "cmd", "+"])
                     && !within(&[p, "+", "cmd", CommandKind::Decommission.as_str()]))
+                    || within(&[p, "estop"])
                     || within(&[d, "status"])
             }
             Role::Reader => false,
@@ -228,6 +232,11 @@ mod tests {
         assert!(acl.may_subscribe(r, "linus", "fleet/linus/cmd/+"));
         assert!(acl.may_subscribe(r, "linus", "fleet/all/cmd/+"));
         assert!(acl.may_subscribe(r, "linus", "homeassistant/status"));
+        assert!(acl.may_subscribe(r, "linus", "fleet/estop"), "the latch");
+        assert!(
+            !acl.may_publish(r, "linus", "fleet/estop"),
+            "a robot cannot lift it"
+        );
         assert!(
             !acl.may_subscribe(r, "linus", "fleet/torvalds/cmd/+"),
             "cannot read another robot's commands"
@@ -278,6 +287,8 @@ mod tests {
         assert!(acl.may_subscribe(Role::Admin, "root", "#"));
         assert!(acl.may_publish(Role::Admin, "root", "anything/else"));
         let gw = Role::Controller;
+        assert!(acl.may_publish(gw, "gateway", "fleet/estop"));
+        assert!(!acl.may_publish(Role::Reader, "grafana", "fleet/estop"));
         assert!(acl.may_publish(gw, "gateway", "fleet/_gateway/status"));
         assert!(acl.may_publish(gw, "gateway", "fleet/_gateway/state"));
         assert!(acl.may_publish(gw, "gateway", "homeassistant/device/fleet__bridge/config"));
@@ -293,6 +304,10 @@ mod tests {
         assert!(acl.may_publish(ha, "ha", "fleet/linus/cmd/drive"));
         assert!(acl.may_publish(ha, "ha", "fleet/all/cmd/stop"));
         assert!(acl.may_publish(ha, "ha", "homeassistant/status"));
+        assert!(
+            acl.may_publish(ha, "ha", "fleet/estop"),
+            "latch and release"
+        );
         assert!(!acl.may_publish(ha, "ha", "fleet/linus/cmd/decommission"));
         assert!(!acl.may_publish(ha, "ha", "fleet/all/cmd/decommission"));
         assert!(!acl.may_publish(ha, "ha", "fleet/linus/state"));

@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use crate::command::{
     Channel, CommandAddress, CommandKind, Direction, MAX_SERVO_ANGLE, MAX_SPEED, MIN_SERVO_ANGLE,
 };
-use crate::state::Availability;
+use crate::state::{Availability, EstopLatch};
 use crate::topic::{RobotId, TopicError, Topics, checked_prefix};
 
 /// Home Assistant's default discovery prefix.
@@ -468,6 +468,45 @@ impl BridgeDevice<'_> {
                 "command_topic": self.topics.fleet_command(CommandKind::Stop),
                 "payload_press": "PRESS",
                 "icon": "mdi:alert-octagon",
+            }),
+        );
+        // The latch: straight to the broker too, retained, as every node reads it.
+        let latch_topic = self.topics.estop();
+        for (key, name, engaged, icon) in [
+            ("latch", "Latch e-stop", true, "mdi:lock-alert"),
+            ("release", "Release e-stop", false, "mdi:lock-open-variant"),
+        ] {
+            let payload = EstopLatch {
+                engaged,
+                by: Some("Home Assistant".to_owned()),
+                reason: None,
+                at_ms: None,
+            };
+            components.add(
+                key,
+                "button",
+                name,
+                ComponentAvailability::Always,
+                json!({
+                    "command_topic": latch_topic,
+                    "payload_press": serde_json::to_string(&payload).unwrap_or_default(),
+                    "retain": true,
+                    "icon": icon,
+                }),
+            );
+        }
+        // On unless the latch says engaged: false or is gone (empty), as the nodes read it.
+        components.add(
+            "latched",
+            "binary_sensor",
+            "E-stop latched",
+            ComponentAvailability::Always,
+            json!({
+                "state_topic": latch_topic,
+                "value_template": "{{ 'OFF' if value == '' or (value_json is defined and value_json.engaged == false) else 'ON' }}",
+                "json_attributes_topic": latch_topic,
+                "json_attributes_template": "{{ value_json | tojson if value_json is defined and value_json is mapping else '{}' }}",
+                "icon": "mdi:octagon",
             }),
         );
         components.add(

@@ -17,8 +17,8 @@ pub use command::{
 };
 pub use discovery::{BridgeDevice, Capabilities, DiscoveryDevice, DiscoveryPrefix};
 pub use state::{
-    Availability, CommandOutcome, CommandResult, CommandWarning, EyesState, FleetSummary,
-    LastCommand, MotorDirection, MotorState, RobotState,
+    Availability, CommandOutcome, CommandResult, CommandWarning, EstopLatch, EyesState,
+    FleetSummary, LastCommand, LatchView, MotorDirection, MotorState, RobotState,
 };
 pub use topic::{CommandTarget, RobotId, TopicError, TopicPrefix, Topics};
 pub use trace::{TraceContextError, TraceParent};

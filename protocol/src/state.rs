@@ -98,6 +98,89 @@ pub struct RobotState {
     /// When the node published this (milliseconds since the Unix epoch). The node
     /// republishes its state every heartbeat interval, so a stale value means a silent node.
     pub last_seen_ms: u64,
+    /// The fleet's latched e-stop as this robot sees it (`<prefix>/estop`). Absent in
+    /// documents from nodes older than the latch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estop: Option<LatchView>,
+}
+
+/// Retained JSON on `<prefix>/estop`: the fleet's latched e-stop. While `engaged`, every
+/// node keeps its motors stopped and refuses motion, until a document with `engaged:
+/// false` (or an empty retained message) clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EstopLatch {
+    pub engaged: bool,
+    /// Who engaged or cleared it (the gateway's operator, a user's name), for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When, in milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
+}
+
+/// Longest `by` and `reason` a latch document may carry.
+pub const MAX_LATCH_TEXT: usize = 200;
+
+impl EstopLatch {
+    /// Reads a latch message. An empty payload (the retained message deleted) clears it.
+    /// Anything else that is not a latch document engages it: a latch nobody can read is
+    /// not a reason to move. The error says what was wrong.
+    pub fn read(payload: &[u8]) -> (EstopLatch, Option<String>) {
+        if payload.is_empty() {
+            return (EstopLatch::cleared(None), None);
+        }
+        match serde_json::from_slice::<EstopLatch>(payload) {
+            Ok(mut latch) => {
+                for text in [&mut latch.by, &mut latch.reason].into_iter().flatten() {
+                    if text.chars().count() > MAX_LATCH_TEXT {
+                        *text = text.chars().take(MAX_LATCH_TEXT).collect();
+                    }
+                }
+                (latch, None)
+            }
+            Err(error) => (
+                EstopLatch {
+                    engaged: true,
+                    by: None,
+                    reason: Some("unreadable latch message".to_owned()),
+                    at_ms: None,
+                },
+                Some(format!(
+                    "not a latch document ({error}); treated as engaged"
+                )),
+            ),
+        }
+    }
+
+    pub fn engaged(by: Option<String>, reason: Option<String>, at_ms: u64) -> Self {
+        Self {
+            engaged: true,
+            by,
+            reason,
+            at_ms: Some(at_ms),
+        }
+    }
+
+    pub fn cleared(by: Option<String>) -> Self {
+        Self {
+            engaged: false,
+            by,
+            reason: None,
+            at_ms: None,
+        }
+    }
+}
+
+/// What a robot knows of the latch: `engaged`, `clear`, or `unknown` while it has not
+/// yet subscribed to it on this connection (it then refuses motion too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatchView {
+    Engaged,
+    Clear,
+    Unknown,
 }
 
 /// Retained JSON on `<prefix>/_gateway/state`: the gateway's view of the fleet, published
@@ -247,13 +330,33 @@ mod tests {
             }),
             uptime_s: 5,
             last_seen_ms: 1_700_000_000_000,
+            estop: Some(LatchView::Clear),
         };
         let doc = serde_json::to_value(&state).unwrap();
         assert_eq!(doc["motion"], "forward");
         assert_eq!(doc["motors"][0], json!({"direction":"forward","speed":10}));
         assert_eq!(doc["last_command"]["command"], "drive");
+        assert_eq!(doc["estop"], "clear");
         let back: RobotState = serde_json::from_value(doc).unwrap();
         assert_eq!(back, state);
+    }
+
+    #[test]
+    fn latch_messages_engage_unless_they_clear() {
+        let read = |payload: &[u8]| EstopLatch::read(payload);
+        assert!(!read(b"").0.engaged, "an empty retained message clears");
+        assert!(!read(br#"{"engaged":false}"#).0.engaged);
+        let (latch, problem) = read(br#"{"engaged":true,"by":"ada","reason":"fire"}"#);
+        assert!(latch.engaged && problem.is_none());
+        assert_eq!(latch.by.as_deref(), Some("ada"));
+        for unreadable in [&b"{}"[..], b"yes", b"{\"engaged\":\"no\"}", b"\xff"] {
+            let (latch, problem) = read(unreadable);
+            assert!(latch.engaged, "{unreadable:?} engages");
+            assert!(problem.is_some());
+        }
+        let long = format!(r#"{{"engaged":true,"reason":"{}"}}"#, "x".repeat(5000));
+        let (latch, _) = read(long.as_bytes());
+        assert_eq!(latch.reason.map(|r| r.len()), Some(MAX_LATCH_TEXT));
     }
 
     #[test]

@@ -204,6 +204,12 @@ impl Topics {
         format!("{}/{GATEWAY_LEVEL}/{instance}/{robot}/result", self.prefix)
     }
 
+    /// `<prefix>/estop` (retained): the fleet's latched e-stop ([`crate::EstopLatch`]).
+    /// Two levels, so no robot's topic (three or more) is it.
+    pub fn estop(&self) -> String {
+        format!("{}/estop", self.prefix)
+    }
+
     /// `<prefix>/_gateway/status` (retained): `online` while a gateway is connected,
     /// `offline` (its last will) when it is gone. The fleet's Home Assistant device is
     /// available by it.

@@ -300,7 +300,11 @@ fn the_bridge_holds_the_e_stop_and_stays_pressable() {
     for (key, component) in components {
         assert_eq!(component["qos"], 1, "{key}");
         if let Some(state_topic) = component.get("state_topic") {
-            let expected = [topics.gateway_status(), topics.gateway_state()];
+            let expected = [
+                topics.gateway_status(),
+                topics.gateway_state(),
+                topics.estop(),
+            ];
             assert!(expected.iter().any(|t| t == state_topic), "{key}");
         }
         let summary = component.get("state_topic") == Some(&topics.gateway_state().into());
@@ -309,6 +313,16 @@ fn the_bridge_holds_the_e_stop_and_stays_pressable() {
             summary,
             "{key}: only the gateway's summary goes unavailable with the gateway"
         );
+    }
+    // The latch buttons publish retained latch documents the nodes read as meant.
+    for (key, engaged) in [("latch", true), ("release", false)] {
+        let button = &components[&format!("fleet__bridge_{key}")];
+        assert_eq!(button["command_topic"], "fleet/estop");
+        assert_eq!(button["retain"], true, "{key}: the latch is retained");
+        let payload = button["payload_press"].as_str().unwrap();
+        let (latch, problem) = fleet_protocol::EstopLatch::read(payload.as_bytes());
+        assert_eq!((latch.engaged, problem), (engaged, None), "{key}");
+        assert!(button.get("availability_topic").is_none(), "{key}");
     }
     // The summary fields the templates read are those the gateway publishes.
     let summary = serde_json::to_value(fleet_protocol::FleetSummary {
@@ -319,7 +333,11 @@ fn the_bridge_holds_the_e_stop_and_stays_pressable() {
         offline_robots: vec!["torvalds".into()],
     })
     .unwrap();
-    for component in components.values() {
+    let summary_topic = topics.gateway_state();
+    for component in components
+        .values()
+        .filter(|c| c["state_topic"] == summary_topic.as_str())
+    {
         for key in ["value_template", "json_attributes_template"] {
             let Some(template) = component.get(key).and_then(Value::as_str) else {
                 continue;

@@ -243,6 +243,16 @@ fn robot_state() -> impl Strategy<Value = RobotState> {
                     last_command,
                     uptime_s,
                     last_seen_ms,
+                    // The latch view follows from the uptime's parity (no 9-tuples).
+                    estop: [
+                        Some(fleet_protocol::LatchView::Clear),
+                        Some(fleet_protocol::LatchView::Engaged),
+                        Some(fleet_protocol::LatchView::Unknown),
+                        None,
+                    ]
+                    .get((uptime_s % 4) as usize)
+                    .copied()
+                    .flatten(),
                 }
             },
         )

@@ -43,6 +43,10 @@ pub struct NodeMetrics {
     pub publishes_dropped: Counter,
     pub robots_connected: Gauge,
     pub discovery_published: Counter,
+    /// Robots of this process that see the fleet's latched e-stop engaged.
+    pub robots_latched: Gauge,
+    /// Latch messages that were not latch documents (each one engages the latch).
+    pub latch_unreadable: Counter,
     stop_payloads_ignored: Family<ReasonLabels, Counter>,
     /// Rate limit for the log lines clients can trigger at will, shared like the
     /// counters by the robots of the process (the counters count every event).
@@ -101,6 +105,18 @@ impl Default for NodeMetrics {
             "Home Assistant discovery documents published (each connect and each Home Assistant start)",
             discovery_published.clone(),
         );
+        let robots_latched = Gauge::default();
+        registry.register(
+            "fleet_node_estop_latched_robots",
+            "Robots of this process that see the fleet's latched e-stop engaged (they refuse motion)",
+            robots_latched.clone(),
+        );
+        let latch_unreadable = Counter::default();
+        registry.register(
+            "fleet_node_estop_latch_unreadable",
+            "Messages on the latch topic that were not latch documents (each engages the latch)",
+            latch_unreadable.clone(),
+        );
         let stop_payloads_ignored = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "fleet_node_stop_payloads_ignored",
@@ -127,6 +143,8 @@ impl Default for NodeMetrics {
             publishes_dropped,
             robots_connected,
             discovery_published,
+            robots_latched,
+            latch_unreadable,
             stop_payloads_ignored,
             log_limit: LogLimiter::default(),
         }

@@ -303,6 +303,8 @@ impl Robot {
             last_command: self.last_command.clone(),
             uptime_s: self.started.elapsed().as_secs(),
             last_seen_ms: now_ms,
+            // The node knows the latch; it fills this in.
+            estop: None,
         }
     }
 }

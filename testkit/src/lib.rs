@@ -199,15 +199,24 @@ impl Watcher {
 
     /// Publishes a QoS 1 message with this client.
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        let payload = payload.into();
+        self.send(topic, payload.into(), false).await;
+    }
+
+    /// Publishes a retained QoS 1 message with this client (an empty payload deletes the
+    /// retained message).
+    pub async fn publish_retained(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.send(topic, payload.into(), true).await;
+    }
+
+    async fn send(&self, topic: &str, payload: Vec<u8>, retain: bool) {
         if let Some(client) = &self.v311 {
             client
-                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
                 .await
                 .expect("publish queued");
         } else if let Some(client) = &self.v5 {
             client
-                .publish(topic, v5::mqttbytes::QoS::AtLeastOnce, false, payload)
+                .publish(topic, v5::mqttbytes::QoS::AtLeastOnce, retain, payload)
                 .await
                 .expect("publish queued");
         }

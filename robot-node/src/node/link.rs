@@ -7,7 +7,7 @@ use std::time::Duration;
 use fleet_protocol::{Availability, CommandAddress, CommandKind, Topics};
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{Event, EventLoop, MqttOptions};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
@@ -30,6 +30,10 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 pub(super) enum LinkEvent {
     Connected,
+    /// The broker answered the connection's first SUBSCRIBE, the latch's.
+    LatchSubscribed {
+        granted: bool,
+    },
     Disconnected(String),
     Message(Box<Received>),
 }
@@ -91,6 +95,11 @@ pub(super) async fn drive_link(
     let mut backoff = Backoff::default();
     let mut connected_at: Option<Instant> = None;
     let mut failures: u32 = 0;
+    // The node subscribes to the latch first after every connect: the first SUBSCRIBE
+    // that goes out after a CONNACK is that one, and its SUBACK says whether it is granted.
+    let mut latch_subscribe_due = false;
+    let mut latch_pkid: Option<u16> = None;
+    let latch_topic = topics.estop();
     loop {
         let polled = tokio::select! {
             polled = eventloop.poll() => polled,
@@ -101,7 +110,22 @@ pub(super) async fn drive_link(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(Instant::now());
                 failures = 0;
+                latch_subscribe_due = true;
+                latch_pkid = None;
                 LinkEvent::Connected
+            }
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) if latch_subscribe_due => {
+                latch_subscribe_due = false;
+                latch_pkid = Some(pkid);
+                continue;
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) if latch_pkid == Some(ack.pkid) => {
+                latch_pkid = None;
+                let granted = ack
+                    .return_codes
+                    .iter()
+                    .all(|code| matches!(code, SubscribeReasonCode::Success(_)));
+                LinkEvent::LatchSubscribed { granted }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let received = Received {
@@ -110,7 +134,10 @@ pub(super) async fn drive_link(
                 };
                 let topic = String::from_utf8_lossy(&received.publish.topic);
                 let stop = CommandAddress::Command(CommandKind::Stop);
-                if matches!(topics.parse_command(&topic), Ok((_, address)) if address == stop) {
+                // Stops and the latch skip the queue of commands.
+                let urgent = topic == latch_topic
+                    || matches!(topics.parse_command(&topic), Ok((_, address)) if address == stop);
+                if urgent {
                     if stops.send(received).await.is_err() {
                         return;
                     }

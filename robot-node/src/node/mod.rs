@@ -28,10 +28,12 @@ use crate::driver::{Driver, DriverError};
 use crate::metrics::NodeMetrics;
 use crate::robot::{CommandFailure, Robot};
 
+mod latch;
 mod link;
 mod outbox;
 mod presence;
 
+use latch::Latch;
 pub use link::MIN_KEEP_ALIVE;
 use link::{LinkEvent, OUTGOING_CAPACITY, Received, drive_link, mqtt_options};
 use outbox::OutgoingPublish;
@@ -95,6 +97,8 @@ pub async fn run(
         eye_deadline: None,
         last_stop_received: None,
         discovery_due: None,
+        latch: Latch::default(),
+        latch_settled_due: None,
         deferred_replies: Vec::new(),
         decommissioned: false,
         unsent: RefCell::default(),
@@ -142,6 +146,10 @@ struct Node {
     last_stop_received: Option<Instant>,
     /// When to re-publish discovery (a random moment after Home Assistant's birth message).
     discovery_due: Option<Instant>,
+    /// The fleet's latched e-stop as this node knows it.
+    latch: Latch,
+    /// When the granted latch subscription has settled (see `latch::LATCH_SETTLE`).
+    latch_settled_due: Option<Instant>,
     /// Answers to fleet-wide commands waiting for their moment.
     deferred_replies: Vec<DeferredReply>,
     /// Set by `decommission`: the node clears its topics and leaves.
@@ -185,12 +193,14 @@ impl Node {
                 () = sleep_until_opt(self.motors_deadline) => self.dead_man_stop(),
                 () = sleep_until_opt(self.eye_deadline) => self.end_blink(),
                 () = sleep_until_opt(self.next_reply_due()) => self.send_deferred_replies(false),
+                () = sleep_until_opt(self.latch_settled_due) => self.on_latch_settled(),
                 () = sleep_until_opt(self.discovery_due) => {
                     self.discovery_due = None;
                     if self.connected { self.announce() }
                 }
                 event = events.recv() => match event {
                     Some(LinkEvent::Connected) => self.on_connected(),
+                    Some(LinkEvent::LatchSubscribed { granted }) => self.on_latch_subscribed(granted),
                     Some(LinkEvent::Disconnected(reason)) => self.on_link_lost(&reason),
                     Some(LinkEvent::Message(received)) => self.on_message(*received),
                     None => return,
@@ -251,6 +261,9 @@ impl Node {
         }: Received,
     ) {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        if topic == self.config.topics.estop() {
+            return self.on_latch(&publish.payload);
+        }
         if self.config.discovery.enabled && topic == self.config.discovery.prefix.status_topic() {
             self.on_home_assistant_status(&publish.payload);
             return;
@@ -362,6 +375,7 @@ impl Node {
                     message: "a stop arrived after this command; not carried out".to_owned(),
                 });
             }
+            self.latch.check(&envelope.command)?;
             self.execute(&envelope.command)
         });
         if let Some(warning) = &warning {

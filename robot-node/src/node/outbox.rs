@@ -75,7 +75,9 @@ impl Node {
     pub(super) fn publish_state_now(&self) {
         self.state_dirty.set(false);
         self.state_published_at.set(Some(Instant::now()));
-        let payload = serde_json::to_vec(&self.robot.state(now_ms())).unwrap_or_default();
+        let mut state = self.robot.state(now_ms());
+        state.estop = Some(self.latch.view());
+        let payload = serde_json::to_vec(&state).unwrap_or_default();
         self.publish(
             self.config.topics.state(&self.config.robot.id),
             true,

@@ -19,8 +19,15 @@ impl Node {
         self.metrics.connects.inc();
         tracing::info!(robot = %id, broker = %format!("{}:{}", self.config.broker.host, self.config.broker.port), "connected");
         // rumqttc does not restore subscriptions, and the session may be new: subscribe
-        // after every connect (repeating a subscription is harmless).
-        let mut filters = vec![topics.command_filter(id), topics.fleet_command_filter()];
+        // after every connect (repeating a subscription is harmless). The latch first, on
+        // its own: the link knows its SUBACK as the first one of the connection.
+        self.latch.set_visible(false);
+        self.latch_settled_due = None;
+        let mut filters = vec![
+            topics.estop(),
+            topics.command_filter(id),
+            topics.fleet_command_filter(),
+        ];
         if self.config.discovery.enabled {
             // Home Assistant's birth message: it has (re)started and wants discovery again.
             filters.push(self.config.discovery.prefix.status_topic());
@@ -30,7 +37,7 @@ impl Node {
                 tracing::error!(%filter, %error, "cannot queue the subscription");
             }
         }
-        self.announce();
+        // Announced (`online`) once the latch is known: see `on_latch_subscribed`.
     }
 
     /// Availability, then the discovery document, then the state: Home Assistant reads
@@ -106,6 +113,10 @@ impl Node {
     /// A decommissioned node has cleared its topics and leaves them empty.
     pub(super) async fn leave(&mut self) {
         self.send_deferred_replies(true);
+        if self.latch.engaged() {
+            // This robot no longer counts among the process's latched ones.
+            self.metrics.robots_latched.dec();
+        }
         if self.decommissioned {
             self.motors_deadline = None;
             self.eye_deadline = None;

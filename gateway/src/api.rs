@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use fleet_protocol::command::MAX_COMMAND_PAYLOAD;
 use fleet_protocol::{Command, CommandEnvelope, CommandKind, CommandWarning, RobotId};
 use fleet_runtime::log_limit::Admission;
@@ -36,6 +36,8 @@ pub fn app(state: AppState) -> Router {
     let control = Router::new()
         .route("/api/robots/{robot}/commands/{command}", post(send_command))
         .route("/api/probe", get(probe).post(probe))
+        // Releasing the latch lets the fleet move again: a control request.
+        .route("/api/fleet/estop", delete(crate::latch::release))
         .merge(aliases::router())
         .route_layer(from_fn_with_state(state.clone(), guard::control));
     let open = Router::new()
@@ -43,6 +45,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/openapi.json", get(openapi))
         .route("/api/robots", get(list_robots))
         .route("/api/robots/{robot}", get(get_robot))
+        .route("/api/fleet/estop", get(crate::latch::get))
         .route("/api/events", get(events));
     // Both answer only to this gateway's Host names (DNS rebinding).
     let named = open
@@ -51,6 +54,8 @@ pub fn app(state: AppState) -> Router {
     // Stops are never refused: no Host, origin, token or rate-limit check; counted.
     let stops = Router::new()
         .route("/api/fleet/stop", post(fleet_stop))
+        // Latching is an e-stop: never refused.
+        .route("/api/fleet/estop", post(crate::latch::engage))
         .route("/api/robots/{robot}/commands/stop", post(robot_stop))
         .merge(aliases::stop_router())
         .route_layer(from_fn_with_state(state.clone(), guard::stop));

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use fleet_protocol::trace::{TRACEPARENT, TRACESTATE};
 use fleet_protocol::{
-    COMMAND_ID_PROPERTY, Command, CommandEnvelope, Direction, RobotId, TraceParent,
+    COMMAND_ID_PROPERTY, Command, CommandEnvelope, Direction, EstopLatch, RobotId, TraceParent,
 };
 use fleet_runtime::telemetry::{set_remote_parent, traceparent_of};
 use rumqttc::v5::ClientError;
@@ -144,6 +144,16 @@ pub struct Target {
 
 /// Whether a command stops a robot: such a command is never refused for load (it waits
 /// for room in the MQTT queue instead) and never waits in vain for a full table.
+/// What would move a robot, and is refused while the latch is engaged (as the robots
+/// refuse it: docs/protocol.md, *The latched e-stop*).
+fn moves(command: &Command) -> bool {
+    match command {
+        Command::Drive { direction, .. } => *direction != Direction::Stop,
+        Command::Servo(_) => true,
+        _ => false,
+    }
+}
+
 pub fn is_stop(command: &Command) -> bool {
     matches!(
         command,
@@ -182,6 +192,14 @@ pub async fn send(
 ) -> Result<Sent, ApiError> {
     if !state.fleet.is_connected() {
         return Err(broker_unavailable());
+    }
+    if state.fleet.latch_engaged() && moves(&envelope.command) {
+        // The robots refuse it too; this says so at once, without a round trip.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "estop_engaged",
+            "the fleet e-stop is latched; nothing moves until it is released (DELETE /api/fleet/estop)",
+        ));
     }
     let id = envelope
         .id
@@ -318,10 +336,27 @@ async fn queue_stop(
     payload: String,
     properties: PublishProperties,
 ) -> Result<(), ApiError> {
+    queue_urgent(state, topic, false, payload, properties).await
+}
+
+/// Queues the latch (retained) the way a stop is queued: see [`queue_stop`].
+pub(crate) async fn queue_latch(state: &AppState, latch: &EstopLatch) -> Result<(), ApiError> {
+    let payload = serde_json::to_string(latch).unwrap_or_default();
+    let topic = state.fleet.topics().estop();
+    queue_urgent(state, &topic, true, payload, PublishProperties::default()).await
+}
+
+async fn queue_urgent(
+    state: &AppState,
+    topic: &str,
+    retain: bool,
+    payload: String,
+    properties: PublishProperties,
+) -> Result<(), ApiError> {
     let publish = state.mqtt.publish_with_properties(
         topic.to_owned(),
         QoS::AtLeastOnce,
-        false,
+        retain,
         payload,
         properties,
     );

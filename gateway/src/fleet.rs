@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fleet_protocol::{Availability, RobotId, Topics};
+use fleet_protocol::{Availability, EstopLatch, RobotId, Topics};
 use fleet_runtime::log_limit::{Admission, LogLimiter, quoted};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
@@ -53,6 +53,8 @@ pub struct Fleet {
     /// MQTT queue notices the link going down).
     link: watch::Sender<bool>,
     events: broadcast::Sender<LiveEvent>,
+    /// The fleet's latched e-stop as last read on `<prefix>/estop`; `None` before any.
+    latch: RwLock<Option<EstopLatch>>,
 }
 
 /// Why a message on one of the robots' topics did not change the fleet table.
@@ -92,7 +94,32 @@ impl Fleet {
             max_robots,
             link: watch::Sender::new(false),
             events,
+            latch: RwLock::new(None),
         }
+    }
+
+    /// The latch as last read (`None` before any message on the latch topic).
+    pub fn latch(&self) -> Option<EstopLatch> {
+        self.latch.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn latch_engaged(&self) -> bool {
+        self.latch().is_some_and(|l| l.engaged)
+    }
+
+    /// A message on the latch topic, read as the robots read it; browsers hear of it.
+    fn absorb_latch(&self, payload: &[u8]) {
+        let (latch, problem) = EstopLatch::read(payload);
+        if let Some(problem) = problem {
+            tracing::warn!(%problem, "latch message");
+        }
+        let data = serde_json::to_value(&latch).unwrap_or(Value::Null);
+        *self.latch.write().unwrap_or_else(|e| e.into_inner()) = Some(latch);
+        let _ = self.events.send(LiveEvent {
+            kind: "estop",
+            robot: String::new(),
+            data,
+        });
     }
 
     pub fn topics(&self) -> &Topics {
@@ -297,6 +324,7 @@ pub(crate) async fn drive_link(mut eventloop: EventLoop, client: AsyncClient, bu
                 failures = 0;
                 let topics = fleet.topics();
                 let filters = [
+                    topics.estop(),
                     topics.every_robot("state"),
                     topics.every_robot("status"),
                     topics.every_robot("result"),
@@ -346,6 +374,9 @@ impl Bus {
         }
         if self.bridge.on_publish(&topic, &publish.payload) {
             return;
+        }
+        if topic == self.fleet.topics().estop() {
+            return self.fleet.absorb_latch(&publish.payload);
         }
         match self.fleet.absorb(&topic, &publish.payload) {
             Ok(("result", robot)) => self.on_result(&robot, &publish.payload),

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod fleet;
 pub mod guard;
 pub mod home_assistant;
+pub mod latch;
 pub mod metrics;
 pub mod probe;
 

@@ -60,6 +60,11 @@ struct EstopLabels {
 const MAX_ROBOT_SERIES: usize = 100;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     status: String,
 }
@@ -83,6 +88,7 @@ pub struct Metrics {
     robot_series: std::sync::Mutex<std::collections::HashSet<String>>,
     pub broker_connected: Gauge,
     estops: Family<EstopLabels, Counter>,
+    latch_changes: Family<ActionLabels, Counter>,
     replies_refused: Family<ReasonLabels, Counter>,
     stop_bodies_ignored: Family<ReasonLabels, Counter>,
     robots_ignored: Counter,
@@ -175,6 +181,19 @@ impl Default for Metrics {
             "Stop requests received over HTTP (fleet and robot stops, /stop, /stoptwo), by whether they carried the bearer token",
             estops.clone(),
         );
+        let latch_changes = Family::<ActionLabels, Counter>::default();
+        for action in ["engage", "release"] {
+            latch_changes
+                .get_or_create(&ActionLabels {
+                    action: action.to_owned(),
+                })
+                .get();
+        }
+        registry.register(
+            "fleet_gateway_estop_latch_changes",
+            "Latched e-stop requests the gateway published to the fleet's latch topic, by action (engage, release)",
+            latch_changes.clone(),
+        );
         let replies_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "fleet_gateway_replies_refused",
@@ -216,6 +235,7 @@ impl Default for Metrics {
             robot_series: Default::default(),
             broker_connected,
             estops,
+            latch_changes,
             replies_refused,
             stop_bodies_ignored,
             robots_ignored,
@@ -265,6 +285,15 @@ impl Metrics {
         self.refused
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_latch_change(&self, engaged: bool) {
+        let action = if engaged { "engage" } else { "release" };
+        self.latch_changes
+            .get_or_create(&ActionLabels {
+                action: action.to_owned(),
             })
             .inc();
     }

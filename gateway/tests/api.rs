@@ -418,6 +418,7 @@ async fn health_readiness_openapi_and_robot_views() {
         "/api/robots/{robot}",
         "/api/robots/{robot}/commands/{command}",
         "/api/fleet/stop",
+        "/api/fleet/estop",
         "/api/probe",
         "/api/events",
         "/api/openapi.json",
@@ -621,4 +622,81 @@ async fn the_live_stream_sends_a_snapshot_then_every_change() {
             break;
         }
     }
+}
+
+#[tokio::test]
+async fn the_latched_e_stop_engages_refuses_motion_and_needs_the_token_to_release() {
+    let fleet = start(|config| config.api_token = Some("secret".to_owned())).await;
+    let states = Watcher::v311(
+        fleet._broker.mqtt_addr(),
+        "latch-states",
+        "fleet/linus/state",
+    )
+    .await;
+    let (status, latch) = fleet.call("GET", "/api/fleet/estop", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(latch["engaged"], false);
+
+    // Latching needs no token (it is an e-stop), and stops every robot with it.
+    let (status, latch) = fleet
+        .call("POST", "/api/fleet/estop", r#"{"reason":"drill"}"#)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{latch}");
+    assert_eq!(latch["engaged"], true);
+    assert_eq!(latch["reason"], "drill");
+    assert_eq!(latch["by"], "gateway (127.0.0.1)");
+    fleet
+        .commands
+        .wait_for("the stop that goes with it", |m| {
+            m.topic == "fleet/all/cmd/stop"
+        })
+        .await;
+    states
+        .wait_for_json("fleet/linus/state", |s| s["estop"] == "engaged")
+        .await;
+    let (_, latch) = fleet.call("GET", "/api/fleet/estop", "").await;
+    assert_eq!(latch["engaged"], true, "the gateway reads it back");
+
+    // Motion is refused at the gateway, with the token or without.
+    let drive = fleet
+        .http
+        .post(format!("{}/api/robots/linus/commands/drive", fleet.base))
+        .bearer_auth("secret")
+        .body(r#"{"direction":"forward"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drive.status(), StatusCode::CONFLICT);
+    let body: Value = drive.json().await.unwrap();
+    assert_eq!(body["code"], "estop_engaged");
+
+    // Releasing is a control request: the token is needed.
+    let release = |token: Option<&str>| {
+        let request = fleet.http.delete(format!("{}/api/fleet/estop", fleet.base));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+        .send()
+    };
+    assert_eq!(
+        release(None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        release(Some("secret")).await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    states
+        .wait_for_json("fleet/linus/state", |s| s["estop"] == "clear")
+        .await;
+    let drive = fleet
+        .http
+        .post(format!("{}/api/robots/linus/commands/drive", fleet.base))
+        .bearer_auth("secret")
+        .body(r#"{"direction":"forward"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drive.status(), StatusCode::ACCEPTED);
 }

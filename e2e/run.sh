@@ -200,6 +200,22 @@ check "the eyes light's OFF turns the eyes off" wait_for 10 latest_state_has lin
 mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -V mqttv311 -t fleet/linus/cmd/eyes -m ON
 check "... and ON turns them on" wait_for 10 latest_state_has linus '"eyes":"on"'
 
+# The latched e-stop: latched over HTTP, every robot stays stopped and refuses motion
+# (also from mosquitto_pub) until it is released.
+code=$(curl -s -o "$ART/latch.json" -w '%{http_code}' -X POST "$BASE/api/fleet/estop" -d '{"reason":"e2e"}' || true)
+check "POST /api/fleet/estop latches the e-stop (202)" test "$code" = 202
+check "... both robots say it is engaged in their state" wait_for 10 bash -c \
+  "grep '^fleet/linus/state ' '$ART/sub-v311.txt' | tail -n 1 | grep -q '\"estop\":\"engaged\"' &&
+   grep '^fleet/torvalds/state ' '$ART/sub-v311.txt' | tail -n 1 | grep -q '\"estop\":\"engaged\"'"
+mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -q 1 -t fleet/linus/cmd/drive -m forward || true
+check "... a drive from mosquitto_pub is refused (estop_engaged)" \
+  wait_for 10 has_line "$ART/sub-v311.txt" '^fleet/linus/result .*"command":"drive".*"code":"estop_engaged"'
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$BASE/api/robots/torvalds/commands/drive" -d forward || true)
+check "... and one over HTTP answers 409" test "$code" = 409
+code=$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "$BASE/api/fleet/estop" || true)
+check "DELETE /api/fleet/estop releases it (202), the robots say clear" \
+  bash -c "test $code = 202 && for i in \$(seq 100); do grep '^fleet/linus/state ' '$ART/sub-v311.txt' | tail -n 1 | grep -q '\"estop\":\"clear\"' && exit 0; sleep 0.1; done; exit 1"
+
 # A robot-node process of its own: pin map from a config file, three simulated robots.
 "$NODE" --config robot-node/config/torvalds.toml --robot sim --simulate 3 \
   --broker 127.0.0.1:$MQTT_PORT --metrics-addr 127.0.0.1:$NODE_METRICS_PORT >"$ART/robot-node.log" 2>&1 &

@@ -396,3 +396,27 @@ async fn a_flood_of_connects_leaves_the_others_alone() {
             > 0.0
     );
 }
+
+#[tokio::test]
+async fn a_mosquitto_private_bridge_connect_is_told_to_retry_as_a_plain_client() {
+    // Mosquitto's bridge (3.1.1 with `try_private true`, its default) sets the top bit of
+    // the protocol level. The broker answers "unacceptable protocol version" (CONNACK 1)
+    // and closes, which makes Mosquitto retry without the bit; before, the connection
+    // was closed without an answer and the bridge retried the same CONNECT forever.
+    let broker = open_broker().await;
+    for (name, level) in [(&b"MQTT"[..], 0x84u8), (&b"MQIsdp"[..], 0x83)] {
+        let mut body = string(name);
+        body.extend([level, 0x02, 0, 60]);
+        body.extend(string(b"bridge-test"));
+        let mut stream = TcpStream::connect(broker.mqtt_addr()).await.unwrap();
+        stream.write_all(&packet(0x10, &body)).await.unwrap();
+        let answer = bytes_until_closed(&mut stream, "a private bridge CONNECT").await;
+        assert_eq!(
+            answer,
+            [0x20, 2, 0, 1],
+            "level {level:#x}: CONNACK 1, then closed"
+        );
+    }
+    // The same bridge retrying as a plain 3.1.1 client gets in.
+    connected(broker.mqtt_addr(), "bridge-test").await;
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use futures::SinkExt;
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Framed;
 
 use crate::error::MqttError;
@@ -129,6 +129,14 @@ where
     #[inline]
     async fn probe_version(&mut self) -> Result<ProtocolVersion> {
         let Some(Ok((MqttPacket::Version(ver), _))) = self.io.next().await else {
+            // Fleet patch: a Mosquitto bridge (`try_private true`, its default for 3.1.1)
+            // sets the top bit of the protocol level. Closing without an answer made it
+            // retry the same CONNECT forever; "unacceptable protocol version" makes it
+            // retry as a plain client, which it then is.
+            if is_private_bridge_connect(self.io.read_buffer()) {
+                let _ = self.io.get_mut().write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                let _ = self.io.get_mut().flush().await;
+            }
             return Err(anyhow!(DecodeError::InvalidProtocol));
         };
 
@@ -142,6 +150,29 @@ where
         *self.io.codec_mut() = codec;
         Ok(ver)
     }
+}
+
+/// Fleet patch: whether `buf` starts with a CONNECT whose protocol level is 3 or 4 with
+/// the bridge bit (0x80) set, as Mosquitto's bridges send it with `try_private`.
+pub(crate) fn is_private_bridge_connect(buf: &[u8]) -> bool {
+    if buf.first() != Some(&0x10) {
+        return false;
+    }
+    // The remaining length: 1 to 4 bytes of 7 bits each.
+    let Some(last_length_byte) = buf.iter().skip(1).take(4).position(|b| b & 0x80 == 0) else {
+        return false;
+    };
+    let name_at = 2 + last_length_byte;
+    let (Some(&hi), Some(&lo)) = (buf.get(name_at), buf.get(name_at + 1)) else {
+        return false;
+    };
+    let name_len = usize::from(u16::from_be_bytes([hi, lo]));
+    let name = buf.get(name_at + 2..name_at + 2 + name_len);
+    let level = buf.get(name_at + 2 + name_len);
+    matches!(
+        (name, level),
+        (Some(b"MQTT"), Some(0x84)) | (Some(b"MQIsdp"), Some(0x83))
+    )
 }
 
 /// Version-specific MQTT protocol streams
@@ -779,3 +810,4 @@ where
         Ok(())
     }
 }
+

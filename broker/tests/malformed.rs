@@ -400,11 +400,18 @@ async fn a_flood_of_connects_leaves_the_others_alone() {
 #[tokio::test]
 async fn a_mosquitto_private_bridge_connect_is_told_to_retry_as_a_plain_client() {
     // Mosquitto's bridge (3.1.1 with `try_private true`, its default) sets the top bit of
-    // the protocol level. The broker answers "unacceptable protocol version" (CONNACK 1)
-    // and closes, which makes Mosquitto retry without the bit; before, the connection
-    // was closed without an answer and the bridge retried the same CONNECT forever.
+    // the protocol level. The broker answers "unacceptable protocol version" (CONNACK 1,
+    // as MQTT-3.1.2-2 wants for any level it does not speak) and closes, which makes
+    // Mosquitto retry without the bit; before, the connection was closed without an
+    // answer and the bridge retried the same CONNECT forever.
     let broker = open_broker().await;
-    for (name, level) in [(&b"MQTT"[..], 0x84u8), (&b"MQIsdp"[..], 0x83)] {
+    let cases = [
+        (&b"MQTT"[..], 0x84u8),
+        (b"MQIsdp", 0x83),
+        (b"MQTT", 9),
+        (b"MQTT", 0),
+    ];
+    for (name, level) in cases {
         let mut body = string(name);
         body.extend([level, 0x02, 0, 60]);
         body.extend(string(b"bridge-test"));

@@ -129,11 +129,12 @@ where
     #[inline]
     async fn probe_version(&mut self) -> Result<ProtocolVersion> {
         let Some(Ok((MqttPacket::Version(ver), _))) = self.io.next().await else {
-            // Fleet patch: a Mosquitto bridge (`try_private true`, its default for 3.1.1)
-            // sets the top bit of the protocol level. Closing without an answer made it
-            // retry the same CONNECT forever; "unacceptable protocol version" makes it
-            // retry as a plain client, which it then is.
-            if is_private_bridge_connect(self.io.read_buffer()) {
+            // Fleet patch: a protocol level the broker does not speak gets "unacceptable
+            // protocol version" (MQTT-3.1.2-2) rather than a silent close. A Mosquitto
+            // bridge (`try_private true`, its default for 3.1.1, sets the level's top bit)
+            // then retries as a plain client; closed without an answer, it retried the
+            // same CONNECT forever.
+            if is_unsupported_level_connect(self.io.read_buffer()) {
                 let _ = self.io.get_mut().write_all(&[0x20, 0x02, 0x00, 0x01]).await;
                 let _ = self.io.get_mut().flush().await;
             }
@@ -152,9 +153,11 @@ where
     }
 }
 
-/// Fleet patch: whether `buf` starts with a CONNECT whose protocol level is 3 or 4 with
-/// the bridge bit (0x80) set, as Mosquitto's bridges send it with `try_private`.
-pub(crate) fn is_private_bridge_connect(buf: &[u8]) -> bool {
+/// Fleet patch: whether `buf` starts with a CONNECT for MQTT (3.1, 3.1.1 or 5) at a
+/// protocol level the broker does not speak, such as Mosquitto's bridges send with
+/// `try_private` (`0x83`, `0x84`: the level with its top bit set). MQTT-3.1.2-2: such a
+/// CONNECT gets CONNACK 1 before the connection is closed.
+pub(crate) fn is_unsupported_level_connect(buf: &[u8]) -> bool {
     if buf.first() != Some(&0x10) {
         return false;
     }
@@ -169,10 +172,8 @@ pub(crate) fn is_private_bridge_connect(buf: &[u8]) -> bool {
     let name_len = usize::from(u16::from_be_bytes([hi, lo]));
     let name = buf.get(name_at + 2..name_at + 2 + name_len);
     let level = buf.get(name_at + 2 + name_len);
-    matches!(
-        (name, level),
-        (Some(b"MQTT"), Some(0x84)) | (Some(b"MQIsdp"), Some(0x83))
-    )
+    // The levels rmqtt-codec's version probe takes, whichever of the two names.
+    matches!(name, Some(b"MQTT" | b"MQIsdp")) && level.is_some_and(|l| !matches!(l, 3 | 4 | 5))
 }
 
 /// Version-specific MQTT protocol streams

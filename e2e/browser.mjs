@@ -1,19 +1,13 @@
 // Drives the fleet's web page in Debian's chromium: hold a D-pad button and the simulated
 // robot moves (and keeps moving past the dead-man time while held); release and it stops.
 // BASE is the gateway's URL; a screenshot goes to ART/ui.png.
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const base = process.env.BASE ?? "http://127.0.0.1:8080";
 const artifacts = process.env.ART ?? ".";
 const HOLD_LONGER_THAN_DEAD_MAN_MS = 1600;
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launchChromium();
 
 const motionOf = (page, robot) => page.textContent(`[data-robot=${robot}] .motion`);
 const waitForMotion = (page, robot, motion) =>
@@ -23,8 +17,15 @@ const waitForMotion = (page, robot, motion) =>
     { timeout: 5000 },
   );
 
+// The overview's tile selects a robot; the robot view (#view) has its D-pad.
+async function selectRobot(page, robot) {
+  await page.click(`.tile[data-robot=${robot}]`);
+  await page.waitForSelector(`#view[data-robot=${robot}]`, { timeout: 5000 });
+}
+
 async function holdButton(page, robot, direction, expected) {
-  const button = page.locator(`[data-robot=${robot}] [data-direction=${direction}]`);
+  await selectRobot(page, robot);
+  const button = page.locator(`#view[data-robot=${robot}] [data-direction=${direction}]`);
   const box = await button.boundingBox();
   if (!box) throw new Error(`no ${direction} button for ${robot}`);
   await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
@@ -52,7 +53,8 @@ try {
   await holdButton(page, "torvalds", "left", "left");
 
   // Leaving the button while pressed also stops the robot.
-  const button = page.locator("[data-robot=linus] [data-direction=right]");
+  await selectRobot(page, "linus");
+  const button = page.locator("#view[data-robot=linus] [data-direction=right]");
   await button.hover();
   await page.mouse.down();
   await waitForMotion(page, "linus", "right");
@@ -67,13 +69,14 @@ try {
   await page.waitForFunction(() => document.querySelector("[data-robot=linus] dd.servos")?.textContent.startsWith("45°"), null, { timeout: 5000 });
   await page.click("[data-robot=linus] [data-speed-preset='30']");
   await page.waitForFunction(() => document.querySelector("[data-robot=linus] dd.motors")?.textContent === "stopped @3, stopped @3", null, { timeout: 5000 });
-  if (!(await page.locator("[data-robot=linus] .servo-controls").isVisible())) throw new Error("linus's servo sliders are hidden");
-  if (!(await page.locator("[data-robot=torvalds] .servo-controls").isHidden())) throw new Error("torvalds has no servos, yet the page shows servo sliders");
-  if (!(await page.locator("[data-robot=torvalds] .speed-controls").isHidden())) throw new Error("torvalds has no speed control, yet the page shows speed sliders");
+  if (!(await page.locator("#view[data-robot=linus] .servo-controls").isVisible())) throw new Error("linus's servo sliders are hidden");
+  await selectRobot(page, "torvalds");
+  if (!(await page.locator("#view[data-robot=torvalds] .servo-controls").isHidden())) throw new Error("torvalds has no servos, yet the page shows servo sliders");
+  if (!(await page.locator("#view[data-robot=torvalds] .speed-controls").isHidden())) throw new Error("torvalds has no speed control, yet the page shows speed sliders");
   console.log("browser: servo slider and speed preset reach linus");
 
   // Keyboard: select torvalds, hold the up arrow, release; D; space stops a long drive.
-  await page.click("[data-robot=torvalds] h2");
+  await page.click(".tile[data-robot=torvalds] h2");
   await page.keyboard.down("ArrowUp");
   await waitForMotion(page, "torvalds", "forward");
   await page.waitForTimeout(HOLD_LONGER_THAN_DEAD_MAN_MS);

@@ -6,7 +6,7 @@
 // command. SUB is the file a `mosquitto_sub -v -t 'fleet/#'` writes; BASE the gateway.
 import { createServer } from "node:http";
 import { readFileSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const base = new URL(process.env.BASE ?? "http://127.0.0.1:8080");
 const wsPort = process.env.WS_PORT ?? "8083";
@@ -41,14 +41,7 @@ const server = createServer((_, res) => {
 await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
 const pagePort = server.address().port;
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--host-resolver-rules=MAP evil.example 127.0.0.1",
-  ],
-});
+const browser = await launchChromium(["--host-resolver-rules=MAP evil.example 127.0.0.1"]);
 let failed = false;
 const expect = (ok, what) => {
   console.log(`${ok ? "ok  " : "FAIL"} hostile page: ${what}`);

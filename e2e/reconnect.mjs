@@ -2,16 +2,13 @@
 // and shows new state again. RESTART is a shell command that restarts the gateway; BASE
 // its URL; DRIVE a shell command that changes the robot's state after the restart.
 import { execSync } from "node:child_process";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const base = process.env.BASE;
 const robot = process.env.ROBOT ?? "linus";
 const artifacts = process.env.ART ?? ".";
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
-});
+const browser = await launchChromium();
 const linkIs = (page, text) =>
   page.waitForFunction((t) => document.getElementById("link")?.textContent === t, text, {
     timeout: 20000,

@@ -150,6 +150,9 @@ check "... and process metrics once" \
 # The web page in a real browser: hold a D-pad button, the robot moves; release, it stops.
 check "the web page drives both robots (chromium)" \
   env BASE="$BASE" ART="$ART" node e2e/browser.mjs
+# The fleet UI for a real fleet, at desktop and phone size.
+check "the fleet UI at desktop and phone size: overview, search, offline greyed, pinned e-stop, latch, toasts, latency, gamepad, touch joystick, stop on blur/hidden/lost link (chromium)" \
+  env BASE="$BASE" ART="$ART" MQTT_PORT=$MQTT_PORT node e2e/ui.mjs
 # Any other web page open in the same browser must not be able to.
 check "a hostile web page in the operator's browser cannot drive the robots (chromium: img, form, fetch, websocket, DNS rebinding)" \
   env BASE="$BASE" WS_PORT=$WS_PORT SUB="$ART/sub-v311.txt" ART="$ART" node e2e/hostile_page.mjs

@@ -455,6 +455,11 @@ async fn events(
 }
 
 async fn snapshot_event(fleet: Arc<crate::Fleet>) -> Event {
-    let body = json!({ "robots": fleet.robots(), "broker_connected": fleet.is_connected() });
+    let body = json!({
+        "robots": fleet.robots(),
+        "broker_connected": fleet.is_connected(),
+        // The latched e-stop (`null` before anything was read on its topic).
+        "estop": fleet.latch(),
+    });
     Event::default().event("snapshot").data(body.to_string())
 }

@@ -53,9 +53,10 @@ async fn main() -> anyhow::Result<()> {
     // Before anything starts: a gateway beyond loopback without a token is refused.
     fleet_gateway::check_exposure(
         args.gateway.http_addr,
-        args.gateway.api_token.as_deref(),
+        args.gateway.control_secret(),
         args.gateway.allow_no_token,
     )?;
+    let operators = args.gateway.operators().context("--operators-file")?;
 
     let broker = fleet_broker::start(BrokerConfig {
         mqtt_addr: args.mqtt_addr,
@@ -84,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         mqtt.port(),
     );
     // The port actually listened on (the flag may say :0).
+    gateway_config.operators = operators;
     let public_url = args.gateway.public_url_for(http);
     gateway_config.home_assistant.public_url = Some(public_url.clone());
     let mut gateway_state = fleet_gateway::connect(&gateway_config);

@@ -9,7 +9,8 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use fleet_protocol::trace::{TRACEPARENT, TRACESTATE};
 use fleet_protocol::{
-    COMMAND_ID_PROPERTY, Command, CommandEnvelope, Direction, EstopLatch, RobotId, TraceParent,
+    COMMAND_ID_PROPERTY, Command, CommandEnvelope, Direction, EstopLatch, OPERATOR_PROPERTY,
+    RobotId, TraceParent,
 };
 use fleet_runtime::telemetry::{set_remote_parent, traceparent_of};
 use rumqttc::v5::ClientError;
@@ -193,6 +194,12 @@ pub async fn send(
     if !state.fleet.is_connected() {
         return Err(broker_unavailable());
     }
+    // Who sends it: the operator the guard identified, never what the body claims.
+    let operator = crate::guard::current_operator();
+    if envelope.command == Command::Decommission {
+        crate::guard::require_admin(operator.as_ref(), "decommissioning a robot")?;
+    }
+    envelope.operator = operator.map(|o| o.name);
     if state.fleet.latch_engaged() && moves(&envelope.command) {
         // The robots refuse it too; this says so at once, without a round trip.
         return Err(ApiError::new(
@@ -233,6 +240,11 @@ pub async fn send(
     }
     if let Some(ts) = tracestate.filter(|t| !t.is_empty()) {
         user_properties.push((TRACESTATE.to_owned(), ts));
+    }
+    // The operator goes both ways: as a property (MQTT 5) and in the payload (3.1.1
+    // subscribers and the audit trail read it there).
+    if let Some(name) = &envelope.operator {
+        user_properties.push((OPERATOR_PROPERTY.to_owned(), name.clone()));
     }
     let properties = PublishProperties {
         message_expiry_interval: expiry_seconds(&envelope.command),

@@ -5,7 +5,9 @@
 //!   a web page whose DNS name is switched to 127.0.0.1 (DNS rebinding) is refused.
 //! - Control routes (anything that moves a robot, [`control`]): no request from another
 //!   web site (`Origin`, `Sec-Fetch-Site`, and for GET the `Referer`), the bearer token
-//!   when one is configured, and a per-client rate limit.
+//!   or an operator's `<name>:<token>` when configured (a viewer is refused), and a
+//!   per-client rate limit. The operator is known to the handlers below
+//!   ([`current_operator`]), so that every command carries the name.
 //! - Stops ([`stop`]) pass without any of that: a stop is never refused (anyone who can
 //!   reach the gateway can stop the robots, like pressing a physical e-stop button, and a
 //!   hostile page can only make them stop), but each is counted and logged with the
@@ -27,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
 use crate::api::ApiError;
+use crate::operators::{Operator, OperatorRole};
 use fleet_runtime::log_limit::{Admission, quoted};
 
 /// `Sec-Fetch-Site`: where the browser says the request comes from (`same-origin`,
@@ -83,7 +86,7 @@ impl RateLimiter {
 }
 
 /// Compares in time independent of where the strings differ.
-fn same_secret(given: &str, expected: &str) -> bool {
+pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
     given.len() == expected.len()
         && given
             .bytes()
@@ -350,51 +353,215 @@ pub async fn control(State(state): State<AppState>, request: Request, next: Next
             Some(&foreign),
         );
     }
-    if let Some(expected) = state.api_token.as_deref()
-        && !bearer(request.headers()).is_some_and(|given| same_secret(given, expected))
-    {
-        let mut response = refuse(
-            &state,
-            &request,
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this gateway needs a bearer token for control requests (Authorization: Bearer <token>)",
-            None,
-        );
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return response;
+    // Owned: the request's body is not `Sync`, so no reference to it crosses an await.
+    let given = bearer(request.headers()).map(str::to_owned);
+    match identify(&state, given.as_deref(), client_ip(&request)).await {
+        Identity::Operator(operator) if operator.role < OperatorRole::Operator => {
+            return refuse(
+                &state,
+                &request,
+                StatusCode::FORBIDDEN,
+                "forbidden_role",
+                "this operator's role (viewer) may not send control requests",
+                Some(&operator.name),
+            );
+        }
+        Identity::Operator(operator) => return run_as(Some(operator), &state, request, next).await,
+        Identity::TokenHolder | Identity::Open => {}
+        Identity::Throttled => {
+            return rate_limited(
+                &state,
+                &request,
+                "too many failed logins from this client; wait a minute",
+                "60",
+            );
+        }
+        Identity::Nobody => {
+            let mut response = refuse(
+                &state,
+                &request,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this gateway needs a bearer token for control requests (Authorization: Bearer <token>, or <name>:<token> for an operator)",
+                None,
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
     }
+    run_as(None, &state, request, next).await
+}
+
+tokio::task_local! {
+    /// The operator the request being handled comes from (set by the guards), so that
+    /// every command sent on its behalf carries the name, whatever route sent it.
+    static OPERATOR: Option<Operator>;
+}
+
+/// The operator of the request being handled, if a guard identified one.
+pub fn current_operator() -> Option<Operator> {
+    OPERATOR.try_with(Clone::clone).ok().flatten()
+}
+
+/// The rest of a control request, on behalf of `operator` (still rate-limited).
+async fn run_as(
+    operator: Option<Operator>,
+    state: &AppState,
+    request: Request,
+    next: Next,
+) -> Response {
     if !state.limiter.allow(client_ip(&request)) {
-        let mut response = refuse(
-            &state,
+        return rate_limited(
+            state,
             &request,
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
             "too many control requests from this client; slow down",
-            None,
+            "1",
         );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return response;
     }
-    next.run(request).await
+    OPERATOR.scope(operator, next.run(request)).await
+}
+
+/// `429 rate_limited` with the seconds to wait in `Retry-After`.
+fn rate_limited(
+    state: &AppState,
+    request: &Request,
+    message: &'static str,
+    retry_after: &'static str,
+) -> Response {
+    let mut response = refuse(
+        state,
+        request,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        message,
+        None,
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from_static(retry_after),
+    );
+    response
 }
 
 /// Middleware for stops: nothing is checked (no Host, origin, token or rate limit: a
 /// stop is never refused), every one is counted and logged with who sent it.
 pub async fn stop(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let authenticated = state.api_token.as_deref().is_some_and(|expected| {
-        bearer(request.headers()).is_some_and(|given| same_secret(given, expected))
-    });
+    // Who sent it, if the credential was checked before: a stop never waits for argon2.
+    let operator = match (&state.operators, bearer(request.headers())) {
+        (Some(operators), Some(given)) => operators.cached(given),
+        _ => None,
+    };
+    let authenticated = operator.is_some()
+        || state.api_token.as_deref().is_some_and(|expected| {
+            bearer(request.headers()).is_some_and(|given| same_secret(given, expected))
+        });
     state.metrics.record_estop(authenticated);
     if let Admission::Log { held_back } = state.log_limit.admit("estop", Instant::now()) {
         tracing::info!(client = %client_ip(&request), path = %request.uri().path(), authenticated, held_back, "e-stop requested");
     }
-    next.run(request).await
+    OPERATOR.scope(operator, next.run(request)).await
+}
+
+/// Who a control request comes from.
+enum Identity {
+    /// A named operator whose token checked out.
+    Operator(Operator),
+    /// The holder of `--api-token` (a shared secret: treated as an admin).
+    TokenHolder,
+    /// Neither a token nor operators are configured: anyone may.
+    Open,
+    /// Credentials missing or wrong.
+    Nobody,
+    /// Too many failed operator logins from this address lately.
+    Throttled,
+}
+
+async fn identify(state: &AppState, given: Option<&str>, client: IpAddr) -> Identity {
+    if let (Some(expected), Some(given)) = (state.api_token.as_deref(), given)
+        && same_secret(given, expected)
+    {
+        return Identity::TokenHolder;
+    }
+    let Some(operators) = &state.operators else {
+        return if state.api_token.is_some() {
+            Identity::Nobody
+        } else {
+            Identity::Open
+        };
+    };
+    let Some(given) = given else {
+        return Identity::Nobody;
+    };
+    if let Some(operator) = operators.cached(given) {
+        return Identity::Operator(operator);
+    }
+    // A token not seen before costs an argon2 check: only so many failures per address.
+    if state.login_failures.blocked(client, Instant::now()) {
+        return Identity::Throttled;
+    }
+    match operators.authenticate(given).await {
+        Some(operator) => Identity::Operator(operator),
+        None => {
+            state.login_failures.record(client, Instant::now());
+            Identity::Nobody
+        }
+    }
+}
+
+/// Failed operator logins allowed per address within `LOGIN_WINDOW`, then refused
+/// without a check until the window ends.
+const MAX_LOGIN_FAILURES: u32 = 5;
+const LOGIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Recent failed operator logins by client address (bounded like the rate limiter).
+#[derive(Default)]
+pub struct LoginFailures {
+    by_client: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl LoginFailures {
+    fn blocked(&self, client: IpAddr, now: Instant) -> bool {
+        let by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
+        by_client.get(&client).is_some_and(|(failures, since)| {
+            *failures >= MAX_LOGIN_FAILURES && now.duration_since(*since) < LOGIN_WINDOW
+        })
+    }
+
+    fn record(&self, client: IpAddr, now: Instant) {
+        let mut by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
+        if by_client.len() >= MAX_CLIENTS {
+            by_client.retain(|_, (_, since)| now.duration_since(*since) < LOGIN_WINDOW);
+        }
+        if by_client.len() >= MAX_CLIENTS {
+            // Still full of recent failures (a flood from many addresses): forget them
+            // all rather than grow; each address gets its few checks again.
+            by_client.clear();
+        }
+        let entry = by_client.entry(client).or_insert((0, now));
+        if now.duration_since(entry.1) >= LOGIN_WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+    }
+}
+
+/// Refuses what only an admin may do (releasing the latched e-stop, decommissioning a
+/// robot) to operators of a lower role. The `--api-token` holder and an open gateway may.
+pub fn require_admin(operator: Option<&Operator>, what: &str) -> Result<(), ApiError> {
+    match operator {
+        Some(operator) if operator.role < OperatorRole::Admin => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_role",
+            format!(
+                "{what} needs an admin; {} is {}",
+                operator.name, operator.role
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The fleet's latched e-stop through the gateway (`<prefix>/estop`, retained; see
 //! docs/protocol.md, *The latched e-stop*). Engaging it is an e-stop: never refused, no
 //! token, no origin check, no rate limit, and a stop to every robot goes out with it.
-//! Releasing it lets the fleet move again, so it is a control request like a command.
+//! Releasing it lets the fleet move again, so it is a control request, and with
+//! operators an admin's.
 
 use axum::Extension;
 use axum::Json;
@@ -69,6 +70,10 @@ pub async fn release(
     State(state): State<AppState>,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Result<Response, ApiError> {
+    crate::guard::require_admin(
+        crate::guard::current_operator().as_ref(),
+        "releasing the latched e-stop",
+    )?;
     let latch = EstopLatch {
         at_ms: Some(now_ms()),
         ..EstopLatch::cleared(Some(who(&client)))
@@ -79,8 +84,11 @@ pub async fn release(
     Ok((StatusCode::ACCEPTED, Json(view(Some(latch)))).into_response())
 }
 
-/// Who asked, as far as the gateway knows (it has no operators yet): the client address.
+/// Who asked: the operator when the guard identified one, else the client's address.
 fn who(client: &Option<Extension<ConnectInfo<SocketAddr>>>) -> String {
+    if let Some(operator) = crate::guard::current_operator() {
+        return operator.name;
+    }
     match client {
         Some(Extension(ConnectInfo(address))) => format!("gateway ({})", address.ip()),
         None => "gateway".to_owned(),

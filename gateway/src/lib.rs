@@ -9,6 +9,7 @@ pub mod guard;
 pub mod home_assistant;
 pub mod latch;
 pub mod metrics;
+pub mod operators;
 pub mod probe;
 
 use std::future::Future;
@@ -29,6 +30,7 @@ pub use fleet::{Fleet, RobotView};
 use guard::{AllowedOrigin, HostPattern, Policy, RateLimiter};
 pub use home_assistant::HomeAssistantSettings;
 pub use metrics::Metrics;
+pub use operators::{Operator, OperatorRole, Operators, OperatorsError};
 
 /// Default of `--max-event-streams`: far more browsers than a fleet has operators, few
 /// enough that a flood of streams stays within a few MiB.
@@ -106,6 +108,11 @@ pub struct GatewayArgs {
     /// Home Assistant's discovery prefix
     #[arg(long, env = "FLEET_DISCOVERY_PREFIX", default_value = "homeassistant")]
     pub discovery_prefix: fleet_protocol::DiscoveryPrefix,
+    /// Operators with names, roles (viewer, operator, admin) and tokens (TOML, see
+    /// docs/operations.md): control requests then need `Authorization: Bearer
+    /// <name>:<token>` (or --api-token), and every command carries its operator's name
+    #[arg(long, env = "FLEET_OPERATORS_FILE")]
+    pub operators_file: Option<std::path::PathBuf>,
     /// The web UI's address as other machines reach it (e.g. http://fleet.local:8080/, or
     /// the Ingress URL): the Home Assistant devices' "Visit" link. Default: this host's
     /// name and the --http-addr port when listening on every address, the --http-addr
@@ -115,6 +122,24 @@ pub struct GatewayArgs {
 }
 
 impl GatewayArgs {
+    /// The operators of `--operators-file`, when given.
+    pub fn operators(&self) -> Result<Option<Arc<Operators>>, OperatorsError> {
+        self.operators_file
+            .as_deref()
+            .map(|path| Operators::load(path).map(Arc::new))
+            .transpose()
+    }
+
+    /// What stands in for a token when deciding whether the gateway may listen beyond
+    /// loopback: the API token, or an operators file.
+    pub fn control_secret(&self) -> Option<&str> {
+        match (&self.api_token, &self.operators_file) {
+            (Some(token), _) if !token.is_empty() => Some(token),
+            (_, Some(_)) => Some("operators"),
+            _ => None,
+        }
+    }
+
     /// `--public-url`, or what it defaults to for the address actually listened on.
     pub fn public_url_for(&self, http: SocketAddr) -> String {
         self.public_url
@@ -186,6 +211,8 @@ pub struct GatewayConfig {
     pub max_robots: usize,
     /// The fleet's Home Assistant device.
     pub home_assistant: HomeAssistantSettings,
+    /// Named operators with roles (`--operators-file`); `None`: only `api_token`, if any.
+    pub operators: Option<Arc<Operators>>,
 }
 
 impl GatewayConfig {
@@ -248,16 +275,18 @@ impl GatewayConfig {
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
             max_robots: fleet::DEFAULT_MAX_ROBOTS,
             home_assistant: HomeAssistantSettings::default(),
+            operators: None,
         }
     }
 
     /// Refuses a configuration that would let strangers drive the robots.
     pub fn check(&self) -> Result<(), ConfigError> {
-        check_exposure(
-            self.http_addr,
-            self.api_token.as_deref(),
-            self.allow_no_token,
-        )
+        let secret = match (&self.api_token, &self.operators) {
+            (Some(token), _) => Some(token.as_str()),
+            (None, Some(_)) => Some("operators"),
+            (None, None) => None,
+        };
+        check_exposure(self.http_addr, secret, self.allow_no_token)
     }
 }
 
@@ -286,6 +315,10 @@ pub struct AppState {
     pub event_streams: Arc<Semaphore>,
     /// The HTTP server's limits (used by [`serve`]).
     pub http: HttpLimits,
+    /// Named operators (`--operators-file`): see [`operators`].
+    pub operators: Option<Arc<Operators>>,
+    /// Operator logins that failed, per client address (argon2 is costly: see `guard`).
+    pub login_failures: Arc<guard::LoginFailures>,
     /// More metrics served on `/metrics` after the gateway's own: the all-in-one adds its
     /// broker's and its robots' (one process, one scrape). A family already served is
     /// left out (every registry has the `process_*` ones).
@@ -351,6 +384,8 @@ pub fn connect(config: &GatewayConfig) -> AppState {
         }),
         event_streams: Arc::new(Semaphore::new(config.max_event_streams)),
         http: config.http,
+        operators: config.operators.clone(),
+        login_failures: Arc::default(),
         extra_metrics: Vec::new(),
     };
     let (log_limit, mut closing) = (state.log_limit.clone(), state.closing.subscribe());

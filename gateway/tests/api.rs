@@ -700,3 +700,153 @@ async fn the_latched_e_stop_engages_refuses_motion_and_needs_the_token_to_releas
         .unwrap();
     assert_eq!(drive.status(), StatusCode::ACCEPTED);
 }
+
+/// An argon2id hash of `token`, as `fleet-broker hash-password` makes them.
+fn token_hash(token: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::encode_b64(b"fleet-test-salt!").unwrap();
+    argon2::Argon2::default()
+        .hash_password(token.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn operators_are_named_on_their_commands_and_held_to_their_roles() {
+    let file = [("ada", "admin"), ("olga", "operator"), ("vic", "viewer")]
+        .map(|(name, role)| {
+            format!(
+                "[[operator]]\nname = \"{name}\"\ntoken_hash = \"{}\"\nrole = \"{role}\"\n",
+                token_hash(&format!("{name}-secret"))
+            )
+        })
+        .join("\n");
+    let operators = std::sync::Arc::new(fleet_gateway::Operators::parse(&file).unwrap());
+    let fleet = start(|config| config.operators = Some(operators)).await;
+    let call = |method: reqwest::Method, path: &str, bearer: Option<&str>, body: &str| {
+        let request = fleet
+            .http
+            .request(method, format!("{}{path}", fleet.base))
+            .body(body.to_owned());
+        match bearer {
+            Some(bearer) => request.bearer_auth(bearer),
+            None => request,
+        }
+        .send()
+    };
+    let drive = "/api/robots/linus/commands/drive";
+    let status = |response: reqwest::Response| response.status();
+
+    assert_eq!(
+        status(
+            call(reqwest::Method::POST, drive, None, "stop")
+                .await
+                .unwrap()
+        ),
+        StatusCode::UNAUTHORIZED
+    );
+    let viewer = call(reqwest::Method::POST, drive, Some("vic:vic-secret"), "stop")
+        .await
+        .unwrap();
+    assert_eq!(viewer.status(), StatusCode::FORBIDDEN);
+    let body: Value = viewer.json().await.unwrap();
+    assert_eq!(body["code"], "forbidden_role");
+
+    // An operator's command carries their name, as a property and in the payload, and a
+    // name claimed in the body is not taken.
+    fleet.commands.clear();
+    let sent = call(
+        reqwest::Method::POST,
+        drive,
+        Some("olga:olga-secret"),
+        r#"{"direction":"forward","operator":"mallory","id":"olga-1"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent.status(), StatusCode::ACCEPTED);
+    let published = fleet
+        .commands
+        .wait_for("olga's drive", |m| m.json()["id"] == "olga-1")
+        .await;
+    assert_eq!(published.json()["operator"], "olga");
+    assert!(
+        published
+            .user_properties
+            .contains(&("fleet-operator".to_owned(), "olga".to_owned())),
+        "{:?}",
+        published.user_properties
+    );
+
+    // Only an admin decommissions (ghost: known, never started).
+    let decommission = "/api/robots/ghost/commands/decommission";
+    let refused = call(
+        reqwest::Method::POST,
+        decommission,
+        Some("olga:olga-secret"),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let allowed = call(
+        reqwest::Method::POST,
+        decommission,
+        Some("ada:ada-secret"),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(allowed.status(), StatusCode::ACCEPTED);
+
+    // Anyone latches the e-stop (named when known); only an admin releases it.
+    let latched: Value = call(
+        reqwest::Method::POST,
+        "/api/fleet/estop",
+        Some("olga:olga-secret"),
+        "",
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(latched["by"], "olga");
+    let release = |bearer| {
+        call(
+            reqwest::Method::DELETE,
+            "/api/fleet/estop",
+            Some(bearer),
+            "",
+        )
+    };
+    assert_eq!(
+        status(release("olga:olga-secret").await.unwrap()),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status(release("ada:ada-secret").await.unwrap()),
+        StatusCode::ACCEPTED
+    );
+
+    // Wrong tokens: five checks per address, then refused without one for a minute.
+    for _ in 0..5 {
+        let wrong = call(reqwest::Method::POST, drive, Some("ada:guess"), "stop")
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    }
+    let throttled = call(reqwest::Method::POST, drive, Some("ada:guess"), "stop")
+        .await
+        .unwrap();
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    // A token checked before still works from that address.
+    let known = call(
+        reqwest::Method::POST,
+        drive,
+        Some("olga:olga-secret"),
+        "stop",
+    )
+    .await
+    .unwrap();
+    assert_eq!(known.status(), StatusCode::ACCEPTED);
+}

@@ -1,5 +1,5 @@
 //! Command payloads: the plain-text forms people type into `mosquitto_pub`, and the JSON
-//! form that carries everything (direction, speed, hold time, id, trace context).
+//! form that carries everything (direction, speed, hold time, id, trace context, operator).
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,6 +22,8 @@ pub const MAX_HOLD_MS: u32 = 60_000;
 pub const MAX_BLINK_MS: u32 = 10_000;
 /// Longest command id.
 pub const MAX_ID_LEN: usize = 64;
+/// Longest operator name, in characters.
+pub const MAX_OPERATOR_LEN: usize = 64;
 /// Longest `tracestate` (W3C allows 32 members of up to 256 characters; 512 is plenty here).
 pub const MAX_TRACESTATE_LEN: usize = 512;
 /// Motors per robot (one H-bridge channel each) and servos per robot.
@@ -315,6 +317,10 @@ pub struct CommandEnvelope {
     /// Do not carry the command out after this time (milliseconds since the Unix epoch):
     /// a command that waited in a queue too long is refused, not executed late.
     pub deadline_ms: Option<u64>,
+    /// Who sent the command (a person's or a service's name), for people and the audit
+    /// trail: echoed in the result and the state. Checked by [`validate_operator`]. MQTT 5
+    /// senders may send it as the [`crate::OPERATOR_PROPERTY`] user property instead.
+    pub operator: Option<String>,
     pub command: Command,
 }
 
@@ -325,6 +331,7 @@ impl CommandEnvelope {
             traceparent: None,
             tracestate: None,
             deadline_ms: None,
+            operator: None,
             command,
         }
     }
@@ -355,10 +362,11 @@ impl CommandEnvelope {
     ///
     /// Always returns a [`Command::Stop`] envelope, whatever the bytes: empty, text, bad
     /// JSON, unknown fields, wrong types, oversized, not UTF-8. From a JSON object it
-    /// keeps the `id`, `traceparent`, `tracestate` and `deadline_ms` that are valid and
-    /// leaves out the ones that are not. The second value is the first problem found
-    /// (an unknown field, then `id`, `traceparent`, `tracestate`, `deadline_ms`, as for
-    /// every JSON command), so that the sender can be told in the result's `warning`;
+    /// keeps the `id`, `traceparent`, `tracestate`, `deadline_ms` and `operator` that are
+    /// valid and leaves out the ones that are not. The second value is the first problem
+    /// found (an unknown field, then `id`, `traceparent`, `tracestate`, `deadline_ms`,
+    /// `operator`, as for every JSON command), so that the sender can be told in the
+    /// result's `warning`;
     /// `None` for a clean payload. Plain text is the text form
     /// of `stop` and is ignored without a problem (`mosquitto_pub -m now`). A payload
     /// over [`MAX_COMMAND_PAYLOAD`] or not UTF-8 is not read at all.
@@ -380,12 +388,13 @@ impl CommandEnvelope {
         envelope.traceparent = usable(envelope_traceparent(&doc), &mut problem);
         envelope.tracestate = usable(envelope_tracestate(&doc), &mut problem).map(str::to_owned);
         envelope.deadline_ms = usable(envelope_deadline(&doc), &mut problem);
+        envelope.operator = usable(envelope_operator(&doc), &mut problem);
         (envelope, problem)
     }
 
     /// Parses a payload published to `.../cmd/<address>`: a whole command as `parse`
     /// does, or a single value on a channel topic (`45`, `45.0`, or JSON
-    /// `{"value": 45}` with the usual id and trace fields).
+    /// `{"value": 45}` with the usual envelope fields: id, trace context, deadline, operator).
     pub fn parse_at(address: CommandAddress, payload: &[u8]) -> Result<Self, CommandError> {
         let channel = match address {
             CommandAddress::Command(kind) => return Self::parse(kind, payload),
@@ -420,7 +429,7 @@ impl CommandEnvelope {
             &doc,
             channel.kind(),
             &["value"],
-            "value, id, traceparent, tracestate, deadline_ms",
+            "value, id, traceparent, tracestate, deadline_ms, operator",
         ) {
             return Err(unknown);
         }
@@ -471,6 +480,7 @@ impl CommandEnvelope {
         );
         insert_opt(&mut doc, "tracestate", self.tracestate.clone());
         insert_opt(&mut doc, "deadline_ms", self.deadline_ms);
+        insert_opt(&mut doc, "operator", self.operator.clone());
         doc
     }
 }
@@ -726,9 +736,9 @@ fn check_angle(field: &'static str, value: i64) -> Result<i16, CommandError> {
 // ---------------------------------------------------------------------------------------
 // JSON
 
-const ENVELOPE_FIELDS: [&str; 4] = ["id", "traceparent", "tracestate", "deadline_ms"];
+const ENVELOPE_FIELDS: [&str; 5] = ["id", "traceparent", "tracestate", "deadline_ms", "operator"];
 /// What a command without fields of its own (stop, ping, decommission) may carry.
-const ENVELOPE_EXPECTED: &str = "id, traceparent, tracestate, deadline_ms";
+const ENVELOPE_EXPECTED: &str = "id, traceparent, tracestate, deadline_ms, operator";
 
 /// The text as a JSON object.
 fn json_object(text: &str) -> Result<Map<String, Value>, CommandError> {
@@ -761,19 +771,19 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
     let (own_fields, expected): (&[&str], &'static str) = match kind {
         CommandKind::Drive => (
             &["direction", "speed", "hold_ms"],
-            "direction, speed, hold_ms, id, traceparent, tracestate, deadline_ms",
+            "direction, speed, hold_ms, id, traceparent, tracestate, deadline_ms, operator",
         ),
         CommandKind::Speed => (
             &["motor1", "motor2", "preset"],
-            "motor1, motor2, preset, id, traceparent, tracestate, deadline_ms",
+            "motor1, motor2, preset, id, traceparent, tracestate, deadline_ms, operator",
         ),
         CommandKind::Eyes => (
             &["state", "duration_ms"],
-            "state, duration_ms, id, traceparent, tracestate, deadline_ms",
+            "state, duration_ms, id, traceparent, tracestate, deadline_ms, operator",
         ),
         CommandKind::Servo => (
             &["servo1", "servo2", "preset"],
-            "servo1, servo2, preset, id, traceparent, tracestate, deadline_ms",
+            "servo1, servo2, preset, id, traceparent, tracestate, deadline_ms, operator",
         ),
         CommandKind::Stop | CommandKind::Ping | CommandKind::Decommission => {
             (&[], ENVELOPE_EXPECTED)
@@ -883,7 +893,8 @@ fn parse_json(kind: CommandKind, text: &str) -> Result<CommandEnvelope, CommandE
     with_envelope_fields(&doc, command)
 }
 
-/// The fields every JSON command may carry next to its own: id, trace context, deadline.
+/// The fields every JSON command may carry next to its own: id, trace context, deadline,
+/// operator.
 fn with_envelope_fields(
     doc: &Map<String, Value>,
     command: Command,
@@ -893,6 +904,7 @@ fn with_envelope_fields(
         traceparent: envelope_traceparent(doc)?,
         tracestate: envelope_tracestate(doc)?.map(str::to_owned),
         deadline_ms: envelope_deadline(doc)?,
+        operator: envelope_operator(doc)?,
         command,
     })
 }
@@ -957,6 +969,13 @@ fn envelope_deadline(doc: &Map<String, Value>) -> Result<Option<u64>, CommandErr
         .transpose()
 }
 
+fn envelope_operator(doc: &Map<String, Value>) -> Result<Option<String>, CommandError> {
+    let Some(operator) = optional_str(doc, "operator")? else {
+        return Ok(None);
+    };
+    validate_operator(operator).map(|()| Some(operator.to_owned()))
+}
+
 /// A preset may be written as a string (`"mid"`, `"30%"`) or a number (`30`).
 fn json_word(value: &Value) -> Option<String> {
     match value {
@@ -1016,6 +1035,21 @@ pub fn validate_id(id: &str) -> Result<(), CommandError> {
             field: "id",
             expected: "1 to 64 characters of A-Z a-z 0-9 - _ . :",
             got: id.chars().take(80).collect(),
+        });
+    }
+    Ok(())
+}
+
+/// Operator names are for people (`ada`, `Grace Hopper`, `ops-bot`): 1 to
+/// [`MAX_OPERATOR_LEN`] characters of any kind but control characters, so that they are
+/// safe to echo into results, the state and log lines.
+pub fn validate_operator(operator: &str) -> Result<(), CommandError> {
+    let length = operator.chars().count();
+    if length == 0 || length > MAX_OPERATOR_LEN || operator.chars().any(char::is_control) {
+        return Err(CommandError::InvalidValue {
+            field: "operator",
+            expected: "1 to 64 characters, none of them control characters",
+            got: operator.chars().take(80).collect(),
         });
     }
     Ok(())
@@ -1373,9 +1407,149 @@ mod tests {
             env.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
                 .parse()
                 .ok();
+            env.operator = Some("Grace Hopper".into());
             let bytes = env.to_json().to_string();
+            assert!(bytes.contains(r#""operator":"Grace Hopper""#), "{bytes}");
             let back = CommandEnvelope::parse(command.kind(), bytes.as_bytes()).unwrap();
             assert_eq!(back, env, "{bytes}");
         }
+        // Without an operator, the canonical form has none.
+        let plain = CommandEnvelope::new(Command::Ping).to_json();
+        assert_eq!(plain, json!({}));
+    }
+
+    #[test]
+    fn json_commands_may_name_their_operator() {
+        let env = CommandEnvelope::parse(
+            CommandKind::Drive,
+            r#"{"direction":"forward","operator":"ada"}"#.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(env.operator.as_deref(), Some("ada"));
+        let env =
+            CommandEnvelope::parse(CommandKind::Drive, br#"{"direction":"forward"}"#).unwrap();
+        assert_eq!(env.operator, None);
+        let env = CommandEnvelope::parse(CommandKind::Eyes, br#"{"state":"on","operator":null}"#)
+            .unwrap();
+        assert_eq!(env.operator, None, "null is no operator");
+        // Plain text has no envelope fields.
+        assert_eq!(
+            CommandEnvelope::parse(CommandKind::Drive, b"forward")
+                .unwrap()
+                .operator,
+            None
+        );
+        // Channel topics and commands without fields of their own take it too.
+        let at = CommandEnvelope::parse_at(
+            CommandAddress::Channel(Channel::Servo(0)),
+            r#"{"value":45,"operator":"Åsa Ødegård"}"#.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(at.operator.as_deref(), Some("Åsa Ødegård"));
+        let ping = CommandEnvelope::parse(CommandKind::Ping, br#"{"operator":"ops-bot"}"#).unwrap();
+        assert_eq!(ping.operator.as_deref(), Some("ops-bot"));
+        // 64 characters (not bytes) is the limit.
+        let longest = "é".repeat(MAX_OPERATOR_LEN);
+        let doc = json!({"direction": "left", "operator": longest}).to_string();
+        let env = CommandEnvelope::parse(CommandKind::Drive, doc.as_bytes()).unwrap();
+        assert_eq!(env.operator.as_deref(), Some(longest.as_str()));
+    }
+
+    #[test]
+    fn an_invalid_operator_is_an_error_like_an_invalid_id() {
+        let too_long = "a".repeat(MAX_OPERATOR_LEN + 1);
+        for operator in [
+            json!(""),
+            json!(too_long),
+            json!("ada\nlovelace"),
+            json!("ada\u{0}"),
+            json!("tab\there"),
+            json!("\u{7f}"),
+            json!("\u{9b}"),
+            json!(5),
+            json!(["ada"]),
+        ] {
+            let doc = json!({"direction": "forward", "operator": operator}).to_string();
+            let error = CommandEnvelope::parse(CommandKind::Drive, doc.as_bytes()).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    CommandError::InvalidValue {
+                        field: "operator",
+                        ..
+                    }
+                ),
+                "{doc}: {error:?}"
+            );
+            assert_eq!(error.code(), "bad_payload", "{doc}");
+            let bad_id = CommandEnvelope::parse(
+                CommandKind::Drive,
+                br#"{"direction":"forward","id":"has space"}"#,
+            )
+            .unwrap_err();
+            assert_eq!(error.code(), bad_id.code());
+        }
+        assert!(validate_operator("Grace Hopper").is_ok());
+        assert!(validate_operator(&"x".repeat(MAX_OPERATOR_LEN)).is_ok());
+        assert!(validate_operator(&"x".repeat(MAX_OPERATOR_LEN + 1)).is_err());
+        assert!(validate_operator("").is_err());
+        assert!(validate_operator("bell\u{7}").is_err());
+        // The error quotes a bounded part of what it got.
+        let huge = "y".repeat(1000);
+        let error = validate_operator(&huge).unwrap_err();
+        assert!(error.to_string().len() < 300, "{error}");
+    }
+
+    #[test]
+    fn an_invalid_operator_on_a_stop_is_dropped_with_a_warning() {
+        let (envelope, problem) =
+            CommandEnvelope::parse_stop(br#"{"id":"estop-3","operator":"ada\nlovelace"}"#);
+        assert_eq!(envelope.command, Command::Stop);
+        assert_eq!(envelope.id.as_deref(), Some("estop-3"), "the rest is kept");
+        assert_eq!(envelope.operator, None, "the invalid operator is dropped");
+        let problem = problem.expect("a warning");
+        assert!(
+            matches!(
+                problem,
+                CommandError::InvalidValue {
+                    field: "operator",
+                    ..
+                }
+            ),
+            "{problem:?}"
+        );
+        assert_eq!(problem.code(), "bad_payload");
+        assert!(problem.to_string().contains("operator"), "{problem}");
+        // The strict parser refuses the same payload with the same error.
+        assert_eq!(
+            CommandEnvelope::parse(
+                CommandKind::Stop,
+                br#"{"id":"estop-3","operator":"ada\nlovelace"}"#
+            ),
+            Err(problem)
+        );
+
+        // A valid one is kept, without a warning.
+        let (envelope, problem) = CommandEnvelope::parse_stop(br#"{"operator":"ada"}"#);
+        assert_eq!(envelope.operator.as_deref(), Some("ada"));
+        assert_eq!(problem, None);
+
+        // An earlier problem is the one reported; the operator is still judged on its own.
+        let (envelope, problem) =
+            CommandEnvelope::parse_stop(br#"{"id":"has space","operator":"ada"}"#);
+        assert!(matches!(
+            problem,
+            Some(CommandError::InvalidValue { field: "id", .. })
+        ));
+        assert_eq!(envelope.operator.as_deref(), Some("ada"));
+        let (envelope, problem) = CommandEnvelope::parse_stop(br#"{"operator":""}"#);
+        assert_eq!(envelope, CommandEnvelope::new(Command::Stop));
+        assert!(matches!(
+            problem,
+            Some(CommandError::InvalidValue {
+                field: "operator",
+                ..
+            })
+        ));
     }
 }

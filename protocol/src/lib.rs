@@ -25,3 +25,8 @@ pub use trace::{TraceContextError, TraceParent};
 
 /// MQTT 5 user property that carries the command id alongside the payload.
 pub const COMMAND_ID_PROPERTY: &str = "command-id";
+
+/// MQTT 5 user property that carries the operator's name (who sent the command) alongside
+/// the payload; MQTT 3.1.1 senders put it in the JSON `operator` field instead. Validated
+/// as [`command::validate_operator`] says, and echoed in the result and the state.
+pub const OPERATOR_PROPERTY: &str = "fleet-operator";

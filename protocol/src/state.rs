@@ -80,6 +80,11 @@ pub struct LastCommand {
     pub code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Who sent it (the command's `fleet-operator` user property or JSON `operator`), for
+    /// people and the audit trail. Absent when the command named nobody, and in documents
+    /// from older nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 /// Retained JSON on `<prefix>/<robot>/state`, published on every change.
@@ -226,6 +231,11 @@ pub struct CommandResult {
     /// older nodes) read as `None`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub warning: Option<CommandWarning>,
+    /// The operator of the command it answers (its `fleet-operator` user property or JSON
+    /// `operator`), for people and the audit trail. Absent when the command named nobody;
+    /// results without it (from older nodes) read as `None`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub operator: Option<String>,
 }
 
 /// `"warning": {"code": "bad_payload", "message": "..."}` in a result: what was wrong with
@@ -264,12 +274,18 @@ impl CommandResult {
             code: None,
             error: None,
             warning: None,
+            operator: None,
         }
     }
 
     /// The same result with `warning` (or without one, for `None`).
     pub fn with_warning(self, warning: Option<CommandWarning>) -> Self {
         Self { warning, ..self }
+    }
+
+    /// The same result with `operator` (or without one, for `None`).
+    pub fn with_operator(self, operator: Option<String>) -> Self {
+        Self { operator, ..self }
     }
 
     pub fn error(id: String, robot: String, command: &str, code: &str, error: String) -> Self {
@@ -281,6 +297,7 @@ impl CommandResult {
             code: Some(code.to_owned()),
             error: Some(error),
             warning: None,
+            operator: None,
         }
     }
 }
@@ -327,6 +344,7 @@ mod tests {
                 at_ms: Some(1_699_999_999_990),
                 code: None,
                 error: None,
+                operator: Some("ada".into()),
             }),
             uptime_s: 5,
             last_seen_ms: 1_700_000_000_000,
@@ -336,9 +354,58 @@ mod tests {
         assert_eq!(doc["motion"], "forward");
         assert_eq!(doc["motors"][0], json!({"direction":"forward","speed":10}));
         assert_eq!(doc["last_command"]["command"], "drive");
+        assert_eq!(doc["last_command"]["operator"], "ada");
         assert_eq!(doc["estop"], "clear");
         let back: RobotState = serde_json::from_value(doc).unwrap();
         assert_eq!(back, state);
+    }
+
+    #[test]
+    fn last_command_operator_is_optional_both_ways() {
+        let last = LastCommand {
+            id: "c1".into(),
+            command: CommandKind::Stop,
+            status: CommandOutcome::Ok,
+            at_ms: None,
+            code: None,
+            error: None,
+            operator: None,
+        };
+        let doc = serde_json::to_value(&last).unwrap();
+        assert_eq!(doc, json!({"id":"c1","command":"stop","status":"ok"}));
+        // A document from a node older than the field reads as `None`.
+        let old: LastCommand =
+            serde_json::from_value(json!({"id":"c1","command":"stop","status":"ok"})).unwrap();
+        assert_eq!(old, last);
+    }
+
+    #[test]
+    fn a_result_echoes_its_operator_only_when_there_is_one() {
+        let named = CommandResult::ok("c4".into(), "linus".into(), "drive")
+            .with_operator(Some("ada".into()));
+        let doc = serde_json::to_value(&named).unwrap();
+        assert_eq!(
+            doc,
+            json!({"id":"c4","robot":"linus","command":"drive","status":"ok","operator":"ada"})
+        );
+        let back: CommandResult = serde_json::from_value(doc).unwrap();
+        assert_eq!(back, named);
+        let refused = CommandResult::error(
+            "c5".into(),
+            "linus".into(),
+            "drive",
+            "bad_payload",
+            "no".into(),
+        )
+        .with_operator(Some("bob".into()));
+        assert_eq!(serde_json::to_value(&refused).unwrap()["operator"], "bob");
+        let nobody = CommandResult::ok("c6".into(), "linus".into(), "drive").with_operator(None);
+        assert!(
+            serde_json::to_value(&nobody)
+                .unwrap()
+                .get("operator")
+                .is_none()
+        );
     }
 
     #[test]

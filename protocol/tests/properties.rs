@@ -10,7 +10,9 @@
 
 use std::collections::HashSet;
 
-use fleet_protocol::command::{MAX_COMMAND_PAYLOAD, MAX_TRACESTATE_LEN, validate_id};
+use fleet_protocol::command::{
+    MAX_COMMAND_PAYLOAD, MAX_OPERATOR_LEN, MAX_TRACESTATE_LEN, validate_id, validate_operator,
+};
 use fleet_protocol::{
     Capabilities, Channel, Command, CommandAddress, CommandEnvelope, CommandError, CommandKind,
     CommandOutcome, CommandResult, CommandTarget, CommandWarning, Direction, DiscoveryDevice,
@@ -69,6 +71,7 @@ const FIELDS: &[&str] = &[
     "traceparent",
     "tracestate",
     "deadline_ms",
+    "operator",
     "extra",
     "",
 ];
@@ -115,6 +118,11 @@ fn json_command_object() -> impl Strategy<Value = Value> {
 
 fn command_id() -> impl Strategy<Value = String> {
     "[A-Za-z0-9._:-]{1,64}"
+}
+
+/// Operator names: any characters but control characters, 1 to 64 of them.
+fn operator() -> impl Strategy<Value = String> {
+    "[^\\p{Cc}]{1,64}"
 }
 
 fn traceparent() -> impl Strategy<Value = TraceParent> {
@@ -169,13 +177,15 @@ fn envelope() -> impl Strategy<Value = CommandEnvelope> {
         proptest::option::of(traceparent()),
         proptest::option::of("[ -~]{0,64}"),
         proptest::option::of(0..=i64::MAX as u64),
+        proptest::option::of(operator()),
     )
         .prop_map(
-            |(command, id, traceparent, tracestate, deadline_ms)| CommandEnvelope {
+            |(command, id, traceparent, tracestate, deadline_ms, operator)| CommandEnvelope {
                 id,
                 traceparent,
                 tracestate,
                 deadline_ms,
+                operator,
                 command,
             },
         )
@@ -205,8 +215,9 @@ fn robot_state() -> impl Strategy<Value = RobotState> {
         proptest::sample::select(CommandKind::ALL.to_vec()),
         any::<bool>(),
         proptest::option::of(any::<u64>()),
+        proptest::option::of(operator()),
     )
-        .prop_map(|(id, command, ok, at_ms)| LastCommand {
+        .prop_map(|(id, command, ok, at_ms, operator)| LastCommand {
             id,
             command,
             status: if ok {
@@ -217,6 +228,7 @@ fn robot_state() -> impl Strategy<Value = RobotState> {
             at_ms,
             code: (!ok).then(|| "out_of_range".to_owned()),
             error: (!ok).then(|| "angle 500 is outside -90..90".to_owned()),
+            operator,
         });
     (
         robot_id(),
@@ -340,6 +352,8 @@ proptest! {
         prop_assert_eq!(envelope.id.as_deref(), id);
         let traceparent = doc.get("traceparent").and_then(Value::as_str).and_then(|t| t.parse::<TraceParent>().ok());
         prop_assert_eq!(envelope.traceparent, traceparent);
+        let operator = doc.get("operator").and_then(Value::as_str).filter(|o| validate_operator(o).is_ok());
+        prop_assert_eq!(envelope.operator.as_deref(), operator);
         // What was kept is clean: its canonical form passes the strict parser.
         let canonical = envelope.to_json().to_string();
         prop_assert_eq!(CommandEnvelope::parse(CommandKind::Stop, canonical.as_bytes()), Ok(envelope));
@@ -395,6 +409,18 @@ proptest! {
     }
 
     #[test]
+    fn operators_are_validated_by_length_and_control_characters(text in prop_oneof![".{0,80}", "\\PC{0,70}", "[a-z\t\n\u{0}\u{7f}\u{85}]{0,70}"]) {
+        let valid = (1..=MAX_OPERATOR_LEN).contains(&text.chars().count()) && !text.chars().any(char::is_control);
+        prop_assert_eq!(validate_operator(&text).is_ok(), valid, "{:?}", text);
+        let doc = json!({ "operator": text });
+        let parsed = CommandEnvelope::parse(CommandKind::Ping, doc.to_string().as_bytes());
+        prop_assert_eq!(parsed.is_ok(), valid, "{:?}", parsed);
+        if let Ok(envelope) = parsed {
+            prop_assert_eq!(envelope.operator, Some(text));
+        }
+    }
+
+    #[test]
     fn traceparent_parser_never_panics(text in ".{0,80}") {
         let _ = text.parse::<TraceParent>();
     }
@@ -412,14 +438,16 @@ proptest! {
     }
 
     #[test]
-    fn command_result_round_trips(id in command_id(), robot in robot_id(), command in ".{0,20}", error in proptest::option::of(("[a-z_]{1,20}", ".{0,80}")), warning in proptest::option::of(("[a-z_]{1,20}", ".{0,80}"))) {
+    fn command_result_round_trips(id in command_id(), robot in robot_id(), command in ".{0,20}", error in proptest::option::of(("[a-z_]{1,20}", ".{0,80}")), warning in proptest::option::of(("[a-z_]{1,20}", ".{0,80}")), operator in proptest::option::of(operator())) {
         let result = match error {
             None => CommandResult::ok(id, robot.to_string(), &command),
             Some((code, text)) => CommandResult::error(id, robot.to_string(), &command, &code, text),
         }
-        .with_warning(warning.map(|(code, message)| CommandWarning::new(&code, message)));
+        .with_warning(warning.map(|(code, message)| CommandWarning::new(&code, message)))
+        .with_operator(operator);
         let text = serde_json::to_string(&result).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(text.contains("\"warning\""), result.warning.is_some(), "{}", text);
+        prop_assert_eq!(text.contains("\"operator\""), result.operator.is_some(), "{}", text);
         let parsed: CommandResult = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(parsed, result);
     }

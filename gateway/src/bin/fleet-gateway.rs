@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         args.broker.host,
         args.broker.port,
     );
+    config.operators = args.gateway.operators().context("--operators-file")?;
     config.credentials = args.mqtt_username.zip(args.mqtt_password);
     config.tls = args
         .tls_ca

@@ -15,8 +15,9 @@ use bytes::Bytes;
 use fleet_protocol::trace::TRACESTATE;
 use fleet_protocol::{
     COMMAND_ID_PROPERTY, Command, CommandAddress, CommandEnvelope, CommandKind, CommandOutcome,
-    CommandResult, CommandTarget, CommandWarning, EyesCommand, LastCommand, TopicError,
-    TraceParent, command::validate_id,
+    CommandResult, CommandTarget, CommandWarning, EyesCommand, LastCommand, OPERATOR_PROPERTY,
+    TopicError, TraceParent,
+    command::{validate_id, validate_operator},
 };
 use fleet_runtime::telemetry::set_remote_parent;
 use rumqttc::v5::AsyncClient;
@@ -331,6 +332,17 @@ impl Node {
             .find(|(k, _)| k.eq_ignore_ascii_case(TRACESTATE))
             .map(|(_, v)| v.to_owned())
             .or_else(|| envelope.and_then(|e| e.tracestate.clone()));
+        // Who sent it: the MQTT 5 user property, else the JSON `operator`. An invalid
+        // property is ignored (and logged below, inside the command's span).
+        let (operator_property, invalid_operator) =
+            match user_properties().find(|(k, _)| *k == OPERATOR_PROPERTY) {
+                Some((_, v)) => match validate_operator(v) {
+                    Ok(()) => (Some(v.to_owned()), None),
+                    Err(error) => (None, Some(error)),
+                },
+                None => (None, None),
+            };
+        let operator = operator_property.or_else(|| envelope.and_then(|e| e.operator.clone()));
         let trace_id = traceparent.map(|t| t.trace_id_hex()).unwrap_or_default();
         // An OpenTelemetry consumer span (messaging conventions; `mqtt` is not yet a
         // registered messaging.system value), child of the sender's span.
@@ -345,12 +357,18 @@ impl Node {
             messaging.message.id = %id,
             robot = %self.robot_name(),
             command = %command_name,
+            operator = operator.as_deref(),
             %trace_id,
         );
         if let Some(parent) = &traceparent {
             set_remote_parent(&span, parent, tracestate.as_deref());
         }
         let _entered = span.enter();
+        if let Some(error) = &invalid_operator
+            && let Some(held_back) = self.metrics.log_line("invalid_operator")
+        {
+            tracing::warn!(%error, held_back, "invalid {OPERATOR_PROPERTY} user property ignored");
+        }
 
         let outcome = parsed.and_then(|envelope| {
             if envelope.command == Command::Stop {
@@ -400,7 +418,8 @@ impl Node {
                 )
             }
         }
-        .with_warning(warning.map(|w| CommandWarning::new(w.code, w.message)));
+        .with_warning(warning.map(|w| CommandWarning::new(w.code, w.message)))
+        .with_operator(operator.clone());
         let known_kind = command_name
             .parse::<CommandAddress>()
             .ok()
@@ -424,6 +443,7 @@ impl Node {
                     .as_ref()
                     .err()
                     .map(|f| f.message.chars().take(MAX_STATE_ERROR_CHARS).collect()),
+                operator,
             });
         }
         let spread = self.config.fleet_reply_spread;

@@ -318,7 +318,7 @@ pub struct AppState {
     /// Named operators (`--operators-file`): see [`operators`].
     pub operators: Option<Arc<Operators>>,
     /// Operator logins that failed, per client address (argon2 is costly: see `guard`).
-    pub login_failures: Arc<guard::LoginFailures>,
+    pub login_failures: Arc<operators::LoginFailures>,
     /// More metrics served on `/metrics` after the gateway's own: the all-in-one adds its
     /// broker's and its robots' (one process, one scrape). A family already served is
     /// left out (every registry has the `process_*` ones).

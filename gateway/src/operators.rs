@@ -12,9 +12,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
@@ -216,6 +218,46 @@ impl Operators {
             name: name.to_owned(),
             role: known.role,
         })
+    }
+}
+
+/// Failed operator logins allowed per address within `LOGIN_WINDOW`, then refused
+/// without a check until the window ends.
+const MAX_LOGIN_FAILURES: u32 = 5;
+const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+
+/// Addresses with failed logins remembered at once.
+const MAX_TRACKED_ADDRESSES: usize = 10_000;
+
+/// Recent failed operator logins by client address (bounded).
+#[derive(Default)]
+pub struct LoginFailures {
+    by_client: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl LoginFailures {
+    pub(crate) fn blocked(&self, client: IpAddr, now: Instant) -> bool {
+        let by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
+        by_client.get(&client).is_some_and(|(failures, since)| {
+            *failures >= MAX_LOGIN_FAILURES && now.duration_since(*since) < LOGIN_WINDOW
+        })
+    }
+
+    pub(crate) fn record(&self, client: IpAddr, now: Instant) {
+        let mut by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
+        if by_client.len() >= MAX_TRACKED_ADDRESSES {
+            by_client.retain(|_, (_, since)| now.duration_since(*since) < LOGIN_WINDOW);
+        }
+        if by_client.len() >= MAX_TRACKED_ADDRESSES {
+            // Still full of recent failures (a flood from many addresses): forget them
+            // all rather than grow; each address gets its few checks again.
+            by_client.clear();
+        }
+        let entry = by_client.entry(client).or_insert((0, now));
+        if now.duration_since(entry.1) >= LOGIN_WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
     }
 }
 

@@ -145,16 +145,6 @@ pub struct Target {
 
 /// Whether a command stops a robot: such a command is never refused for load (it waits
 /// for room in the MQTT queue instead) and never waits in vain for a full table.
-/// What would move a robot, and is refused while the latch is engaged (as the robots
-/// refuse it: docs/protocol.md, *The latched e-stop*).
-fn moves(command: &Command) -> bool {
-    match command {
-        Command::Drive { direction, .. } => *direction != Direction::Stop,
-        Command::Servo(_) => true,
-        _ => false,
-    }
-}
-
 pub fn is_stop(command: &Command) -> bool {
     matches!(
         command,
@@ -200,7 +190,7 @@ pub async fn send(
         crate::guard::require_admin(operator.as_ref(), "decommissioning a robot")?;
     }
     envelope.operator = operator.map(|o| o.name);
-    if state.fleet.latch_engaged() && moves(&envelope.command) {
+    if state.fleet.latch_engaged() && envelope.command.moves() {
         // The robots refuse it too; this says so at once, without a round trip.
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -263,7 +263,7 @@ impl Fleet {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -375,7 +375,7 @@ impl Bus {
         if self.bridge.on_publish(&topic, &publish.payload) {
             return;
         }
-        if topic == self.fleet.topics().estop() {
+        if self.fleet.topics().is_estop(&topic) {
             return self.fleet.absorb_latch(&publish.payload);
         }
         match self.fleet.absorb(&topic, &publish.payload) {

@@ -81,7 +81,7 @@ impl BridgeLink {
 
     /// A message on one of this link's topics; `false` when it is not one.
     pub fn on_publish(&self, topic: &str, payload: &[u8]) -> bool {
-        if topic == self.topics.gateway_status() {
+        if self.topics.is_gateway_status(topic) {
             // Another gateway's will (or a stale retained value): this one is still here.
             if payload == Availability::Offline.as_str().as_bytes() {
                 self.say_online();
@@ -89,7 +89,7 @@ impl BridgeLink {
             return true;
         }
         match &self.settings.discovery {
-            Some(prefix) if topic == prefix.status_topic() => {
+            Some(prefix) if prefix.is_status_topic(topic) => {
                 // Home Assistant's birth message: it (re)started and reads discovery anew.
                 if payload == b"online" {
                     tracing::info!("Home Assistant started: re-publishing the fleet's device");

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use crate::AppState;
 use crate::api::ApiError;
 use crate::commands::{self, Target};
+use crate::fleet::now_ms;
 
 /// Longest `reason` kept from a request body.
 const MAX_REASON: usize = fleet_protocol::state::MAX_LATCH_TEXT;
@@ -107,11 +108,4 @@ fn view(latch: Option<EstopLatch>) -> serde_json::Value {
         // Nothing on the topic: never latched (or deleted), as the robots read it.
         None => json!({ "engaged": false, "known": false }),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

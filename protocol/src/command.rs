@@ -306,6 +306,17 @@ impl Command {
             Command::Decommission => CommandKind::Decommission,
         }
     }
+
+    /// Whether carrying it out moves the robot (a drive other than stop, a servo): what a
+    /// latched e-stop refuses (docs/protocol.md, *The latched e-stop*). A speed moves
+    /// nothing by itself.
+    pub fn moves(&self) -> bool {
+        match self {
+            Command::Drive { direction, .. } => *direction != Direction::Stop,
+            Command::Servo(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// A command with what travels next to it: the sender's id and trace context.

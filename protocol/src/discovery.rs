@@ -42,6 +42,11 @@ impl DiscoveryPrefix {
     pub fn status_topic(&self) -> String {
         format!("{}/status", self.0)
     }
+
+    /// Whether `topic` is [`DiscoveryPrefix::status_topic`], without building it.
+    pub fn is_status_topic(&self, topic: &str) -> bool {
+        topic.strip_prefix(self.0.as_str()) == Some("/status")
+    }
 }
 
 impl Default for DiscoveryPrefix {

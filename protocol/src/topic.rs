@@ -210,6 +210,28 @@ impl Topics {
         format!("{}/estop", self.prefix)
     }
 
+    /// Whether `topic` is [`Topics::estop`], without building it (every message is asked).
+    pub fn is_estop(&self, topic: &str) -> bool {
+        self.leaf_is(topic, "estop")
+    }
+
+    /// Whether `topic` is [`Topics::gateway_status`], without building it.
+    pub fn is_gateway_status(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|t| t.strip_prefix('/'))
+            .and_then(|t| t.strip_prefix(GATEWAY_LEVEL))
+            == Some("/status")
+    }
+
+    /// `<prefix>/<rest>` is `topic`.
+    fn leaf_is(&self, topic: &str, rest: &str) -> bool {
+        topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|t| t.strip_prefix('/'))
+            == Some(rest)
+    }
+
     /// `<prefix>/_gateway/status` (retained): `online` while a gateway is connected,
     /// `offline` (its last will) when it is gone. The fleet's Home Assistant device is
     /// available by it.
@@ -384,6 +406,31 @@ mod tests {
         assert!(t.is_command_topic("fleet/anything/cmd/whatever/deeper"));
         assert!(!t.is_command_topic("fleet/linus/state"));
         assert!(!t.is_command_topic("other/linus/cmd/drive"));
+    }
+
+    #[test]
+    fn latch_and_gateway_status_topics_are_recognised_without_building_them() {
+        for topics in [
+            Topics::default(),
+            Topics::new(TopicPrefix::new("site/a").unwrap()),
+        ] {
+            assert!(topics.is_estop(&topics.estop()));
+            assert!(topics.is_gateway_status(&topics.gateway_status()));
+            for other in [
+                topics.gateway_state(),
+                topics.estop() + "/x",
+                topics.gateway_status() + "x",
+                "estop".to_owned(),
+                "other/estop".to_owned(),
+            ] {
+                assert!(!topics.is_estop(&other), "{other}");
+                assert!(!topics.is_gateway_status(&other), "{other}");
+            }
+        }
+        let prefix = crate::DiscoveryPrefix::new("ha/test").unwrap();
+        assert!(prefix.is_status_topic(&prefix.status_topic()));
+        assert!(!prefix.is_status_topic("ha/test/statusx"));
+        assert!(!prefix.is_status_topic("ha/status"));
     }
 
     #[test]

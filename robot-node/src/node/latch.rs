@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use fleet_protocol::{Command, Direction, EstopLatch, LatchView};
+use fleet_protocol::{Command, EstopLatch, LatchView};
 use tokio::time::Instant;
 
 use super::Node;
@@ -45,12 +45,7 @@ impl Latch {
     /// Refuses what would move the robot while the latch is engaged or unknown. Stops,
     /// speeds (which move nothing by themselves), eyes and pings pass.
     pub(super) fn check(&self, command: &Command) -> Result<(), CommandFailure> {
-        let moves = match command {
-            Command::Drive { direction, .. } => *direction != Direction::Stop,
-            Command::Servo(_) => true,
-            _ => false,
-        };
-        if !moves {
+        if !command.moves() {
             return Ok(());
         }
         match self.view() {
@@ -127,6 +122,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_protocol::Direction;
 
     fn drive() -> Command {
         Command::Drive {

@@ -99,7 +99,6 @@ pub(super) async fn drive_link(
     // that goes out after a CONNACK is that one, and its SUBACK says whether it is granted.
     let mut latch_subscribe_due = false;
     let mut latch_pkid: Option<u16> = None;
-    let latch_topic = topics.estop();
     loop {
         let polled = tokio::select! {
             polled = eventloop.poll() => polled,
@@ -135,7 +134,7 @@ pub(super) async fn drive_link(
                 let topic = String::from_utf8_lossy(&received.publish.topic);
                 let stop = CommandAddress::Command(CommandKind::Stop);
                 // Stops and the latch skip the queue of commands.
-                let urgent = topic == latch_topic
+                let urgent = topics.is_estop(&topic)
                     || matches!(topics.parse_command(&topic), Ok((_, address)) if address == stop);
                 if urgent {
                     if stops.send(received).await.is_err() {

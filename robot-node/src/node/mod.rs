@@ -264,10 +264,10 @@ impl Node {
         }: Received,
     ) {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        if topic == self.config.topics.estop() {
+        if self.config.topics.is_estop(&topic) {
             return self.on_latch(&publish.payload);
         }
-        if self.config.discovery.enabled && topic == self.config.discovery.prefix.status_topic() {
+        if self.config.discovery.enabled && self.config.discovery.prefix.is_status_topic(&topic) {
             self.on_home_assistant_status(&publish.payload);
             return;
         }
